@@ -1,0 +1,41 @@
+"""What a node may reach while a prompt is validated or run: the folders, this request's uploads, the interrupt
+check and the progress reporter. Passed explicitly (the hidden `CONTEXT` input), never read from a global."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from engine.errors import Interrupted, NotFound
+from engine.folders import Folders
+
+ProgressFn = Callable[[float, float], None]
+
+
+@dataclass
+class NodeContext:
+    folders: Folders
+    uploads: dict[str, Path] = field(default_factory=dict)  # this request's files, seen before input/
+    interrupt_event: threading.Event = field(default_factory=threading.Event)
+    progress: ProgressFn | None = None
+    prompt_id: str | None = None
+
+    def check_interrupted(self) -> None:
+        """Long-running nodes call this between steps; it raises once the prompt is interrupted."""
+        if self.interrupt_event.is_set():
+            raise Interrupted("interrupted")
+
+    def report_progress(self, value: float, total: float) -> None:
+        if self.progress is not None:
+            self.progress(value, total)
+        self.check_interrupted()
+
+    def input_path(self, name: str) -> Path:
+        """An input file by the name a prompt uses: this request's upload first, then the data folders."""
+        if name in self.uploads:
+            return self.uploads[name]
+        path = self.folders.annotated(name)
+        if not path.is_file():
+            raise NotFound(f"no file {name!r} in the input folder (upload it with /upload/image or in the request)")
+        return path
