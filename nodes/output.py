@@ -1,0 +1,134 @@
+"""Output nodes: SaveImage writes PNGs to the output folder (with the prompt embedded), PreviewImage to temp."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from engine.images import encode_png, to_pil
+from engine.context import NodeContext
+from engine.errors import BadRequest, EngineError
+from engine.files import create_new
+from engine.folders import safe_join
+
+
+class SaveImage:
+    CATEGORY = "image"
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Saves the input images to the output folder."
+    folder_type = "output"
+    compress_level = 4
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "context": "CONTEXT"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, context: NodeContext, filename_prefix: str = "ComfyUI"):
+        try:
+            _split_prefix(context.folders.output, str(filename_prefix))
+        except EngineError as exc:
+            return f"filename_prefix {filename_prefix!r}: {exc}"
+        return True
+
+    def save_images(self, images: torch.Tensor, context: NodeContext, filename_prefix: str = "ComfyUI",
+                    prompt: dict | None = None, extra_pnginfo: dict | None = None):
+        return {"ui": {"images": self.write(images, context, filename_prefix, prompt, extra_pnginfo)}}
+
+    def write(self, batch: torch.Tensor, context: NodeContext, filename_prefix: str, prompt: dict | None,
+              extra_pnginfo: dict | None) -> list[dict[str, str]]:
+        base = context.folders.by_type(self.folder_type)
+        prefix = _expand(filename_prefix, width=batch.shape[2], height=batch.shape[1])
+        folder, subfolder, name = _split_prefix(base, prefix)
+        text = _metadata(prompt, extra_pnginfo)
+        counter = _next_counter(folder, name)
+        results = []
+        for batch_number, image in enumerate(batch):
+            data = encode_png(to_pil(image), text, self.compress_level)
+            stem = name.replace("%batch_num%", str(batch_number))
+            while not create_new(folder / f"{stem}_{counter:05}_.png", data):
+                counter += 1  # another writer took this number meanwhile
+            results.append({"filename": f"{stem}_{counter:05}_.png", "subfolder": subfolder, "type": self.folder_type})
+            counter += 1
+        return results
+
+
+class PreviewImage(SaveImage):
+    DESCRIPTION = "Saves the input images to the temp folder, for viewing."
+    folder_type = "temp"
+    compress_level = 1
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"images": ("IMAGE",)},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "context": "CONTEXT"},
+        }
+
+    def save_images(self, images: torch.Tensor, context: NodeContext, prompt: dict | None = None,
+                    extra_pnginfo: dict | None = None):
+        suffix = "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+        return {"ui": {"images": self.write(images, context, f"ComfyUI_temp_{suffix}", prompt, extra_pnginfo)}}
+
+
+def _metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
+    text = {}
+    if prompt is not None:
+        text["prompt"] = json.dumps(prompt)
+    for key, value in (extra_pnginfo or {}).items():
+        text[key] = json.dumps(value)
+    return text
+
+
+def _expand(prefix: str, width: int, height: int) -> str:
+    """ComfyUI's prefix variables: %width%, %height%, %year%, %month%, %day%, %hour%, %minute%, %second%."""
+    if "%" not in prefix:
+        return prefix
+    now = time.localtime()
+    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}",
+              "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
+              "second": f"{now.tm_sec:02}"}
+    for key, value in values.items():
+        prefix = prefix.replace(f"%{key}%", str(value))
+    return prefix
+
+
+def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
+    """(folder, subfolder, file name stem) of a prefix such as `portraits/day1/img`; never outside `base`."""
+    subfolder, _, name = os.path.normpath(prefix.replace("\\", "/")).replace("\\", "/").rpartition("/")
+    if not name or name == ".":
+        raise BadRequest("the prefix needs a file name part")
+    folder = safe_join(base, subfolder, name).parent
+    return folder, subfolder, name
+
+
+def _next_counter(folder: Path, name: str) -> int:
+    """One more than the highest `<name>_<counter>_` already in the folder (ComfyUI's numbering)."""
+    highest = 0
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    start = name.lower() + "_"
+    for entry in entries:
+        if entry.lower().startswith(start) and entry.endswith("_.png"):
+            digits = entry[len(start):].split("_")[0]
+            if digits.isdigit():
+                highest = max(highest, int(digits))
+    return highest + 1
+
+
+NODE_CLASS_MAPPINGS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"SaveImage": "Save Image", "PreviewImage": "Preview Image"}
