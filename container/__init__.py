@@ -1,0 +1,1 @@
+"""Container entrypoint and deployment adapters."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: a Starlette app over the engine's executor. No torch here."""
