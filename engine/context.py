@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import Interrupted, NotFound
+from engine.files import FileNumbers
 from engine.folders import Folders
 
 ProgressFn = Callable[[float, float], None]
@@ -20,6 +21,7 @@ class NodeContext:
     interrupt_event: threading.Event = field(default_factory=threading.Event)
     progress: ProgressFn | None = None
     prompt_id: str | None = None
+    file_numbers: FileNumbers = field(default_factory=FileNumbers)  # shared by the executor's prompts
 
     def check_interrupted(self) -> None:
         """Long-running nodes call this between steps; it raises once the prompt is interrupted."""

@@ -101,7 +101,7 @@ def _guarded(node_id: str, prompt: Prompt, result: RunResult, emit: Emit, contex
 def _signature(prompt: Prompt, node_id: str, registry: NodeRegistry, context: NodeContext,
                upstream: dict[str, str]) -> str:
     cls = registry.get(prompt[node_id]["class_type"])
-    hidden = input_types(cls, context).get("hidden", {})
+    hidden = input_types(cls).get("hidden", {})
     changed = None
     if hasattr(cls, "IS_CHANGED"):
         constants = {k: v for k, v in prompt[node_id]["inputs"].items() if as_link(v) is None}
@@ -115,7 +115,7 @@ def _run_node(prompt: Prompt, node_id: str, registry: NodeRegistry, values: dict
               context: NodeContext, extra_data: dict[str, Any]) -> tuple[list[list[Any]], dict[str, list] | None]:
     node = prompt[node_id]
     cls = registry.get(node["class_type"])
-    spec = input_types(cls, context)
+    spec = input_types(cls)
     declared = {**spec.get("required", {}), **spec.get("optional", {})}
     args: dict[str, list[Any]] = {}
     for name, value in node["inputs"].items():

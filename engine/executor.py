@@ -18,6 +18,7 @@ from engine.cache import OutputCache
 from engine.context import NodeContext
 from engine.errors import Draining, ExecutionFailed, ExecutionInterrupted, QueueFull, StorageError
 from engine.execution import run_prompt
+from engine.files import FileNumbers
 from engine.folders import Folders
 from engine.history import History
 from engine.imagestore import ImageStore, StoredImage
@@ -42,6 +43,7 @@ class Executor:
         self.cache = OutputCache(settings.cache_size)
         self.history = History(settings.history_size)
         self.queue = JobQueue()
+        self.file_numbers = FileNumbers()
         self.last_prompt: dict[str, Any] | None = None
         self.accepting = True
         self._listeners: list[Listener] = []
@@ -80,7 +82,7 @@ class Executor:
 
     # -- admission --------------------------------------------------------------------------------------------
     def context(self, uploads: dict[str, Path] | None = None, prompt_id: str | None = None) -> NodeContext:
-        return NodeContext(self.folders, dict(uploads or {}), prompt_id=prompt_id)
+        return NodeContext(self.folders, dict(uploads or {}), prompt_id=prompt_id, file_numbers=self.file_numbers)
 
     def validate(self, prompt: Any, uploads: dict[str, Path] | None = None) -> Validated:
         return validate_prompt(prompt, self.registry, self.context(uploads))
@@ -157,7 +159,8 @@ class Executor:
                 messages.append([event, data])
             self.emit(event, data, job.client_id)
 
-        context = NodeContext(self.folders, job.uploads, job.interrupt, prompt_id=job.prompt_id)
+        context = NodeContext(self.folders, job.uploads, job.interrupt, prompt_id=job.prompt_id,
+                              file_numbers=self.file_numbers)
         started = time.perf_counter()
         try:
             result = run_prompt(job.prompt, job.outputs, self.registry, self.cache, context, emit, job.extra_data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -56,3 +57,54 @@ def storage_error(exc: OSError, path: Path) -> StorageError:
         errno.EFBIG: "the file is larger than the file system allows",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     return StorageError(f"could not write {path.name}: {reason}", exc.errno)
+
+
+class FileNumbers:
+    """The next free number of ComfyUI's `<stem>_<number>_.png` names, per folder and stem.
+
+    ComfyUI scans the folder on every save, which grows with the folder. Here a folder is scanned again only when
+    its modification time differs from the one seen after our own last write, i.e. when someone else added or
+    removed files. A number another writer takes in between is harmless: `create_new` never replaces a file and
+    the caller moves on to the next number."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[int, int]] = {}  # (folder, stem) -> (next number, folder mtime)
+        self._lock = threading.Lock()
+
+    def take(self, folder: Path, stem: str, count: int = 1) -> int:
+        """Reserve `count` consecutive numbers and return the first."""
+        key = (str(folder), stem.lower())
+        with self._lock:
+            known = self._known.get(key)
+            if known is None or known[1] != _mtime(folder):
+                known = (highest_number(folder, stem) + 1, 0)
+            self._known[key] = (known[0] + count, known[1])
+            return known[0]
+
+    def written(self, folder: Path, stem: str, last: int) -> None:
+        """Record our own write of number `last`, so that it does not count as someone else's change."""
+        key = (str(folder), stem.lower())
+        with self._lock:
+            self._known[key] = (max(self._known.get(key, (0, 0))[0], last + 1), _mtime(folder))
+
+
+def _mtime(folder: Path) -> int:
+    try:
+        return folder.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
+
+
+def highest_number(folder: Path, stem: str) -> int:
+    """The highest `<stem>_<number>_` in the folder, 0 when there is none (ComfyUI's numbering)."""
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    start, highest = stem.lower() + "_", 0
+    for entry in entries:
+        if entry.lower().startswith(start):  # any extension counts, as in ComfyUI
+            digits = entry[len(start):].split("_")[0]
+            if digits.isdigit():
+                highest = max(highest, int(digits))
+    return highest

@@ -47,9 +47,7 @@ def load_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = [], []
     with Image.open(path) as opened:
         for frame in ImageSequence.Iterator(opened):
-            frame = ImageOps.exif_transpose(frame)
-            if frame.mode == "I":
-                frame = frame.point(lambda value: value * (1 / 255))
+            frame = _eight_bit_range(ImageOps.exif_transpose(frame))
             rgb = from_pil(frame.convert("RGB"))
             if images and rgb.shape != images[0].shape:
                 continue
@@ -60,6 +58,16 @@ def load_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not images:
         raise ValueError(f"{path.name} holds no image frames")
     return torch.stack(images), torch.stack(masks)
+
+
+def _eight_bit_range(frame: Image.Image) -> Image.Image:
+    """ComfyUI divides 32-bit integer images ('I') by 255 before converting to RGB. Recent Pillow opens 16-bit
+    PNGs as 'I;16' instead, which ComfyUI's check misses (they would clip to white), so those are treated alike."""
+    if frame.mode.startswith("I;16"):
+        frame = frame.convert("I")
+    if frame.mode == "I":
+        frame = frame.point(lambda value: value * (1 / 255))
+    return frame
 
 
 def _mask_from_alpha(frame: Image.Image) -> torch.Tensor:
@@ -75,9 +83,7 @@ def load_channel(path: Path, channel: str) -> torch.Tensor:
     with Image.open(path) as opened:
         frame = ImageOps.exif_transpose(opened)
         if frame.getbands() != ("R", "G", "B", "A"):
-            if frame.mode == "I":
-                frame = frame.point(lambda value: value * (1 / 255))
-            frame = frame.convert("RGBA")
+            frame = _eight_bit_range(frame).convert("RGBA")
         band = channel[0].upper()
         if band not in frame.getbands():
             return torch.zeros((1, 64, 64), dtype=torch.float32)

@@ -11,6 +11,7 @@ context (folders, this request's uploads, the interrupt check, progress).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any, Callable, Iterable
@@ -70,9 +71,10 @@ def default_registry(modules: Iterable[str] = ("nodes",)) -> NodeRegistry:
 
 
 def input_types(cls: NodeClass, context: Any = None) -> dict[str, dict[str, Any]]:
-    """`INPUT_TYPES`, passing the context to nodes that take it; `required` always present."""
+    """`INPUT_TYPES`, with `required` always present. The context (for option lists read from disk) is given only
+    when `/object_info` asks; validation and execution need the input names and types, not the disk listing."""
     method = cls.INPUT_TYPES
-    spec = method(context) if inspect.signature(method).parameters else method()
+    spec = method(context) if _parameters(method) else method()
     spec = dict(spec)
     spec.setdefault("required", {})
     return spec
@@ -85,15 +87,19 @@ def is_output_node(cls: NodeClass) -> bool:
 def call_with_accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     """Call `fn` with the keyword arguments it declares (all of them if it takes **kwargs), as ComfyUI does for
     `IS_CHANGED` and `VALIDATE_INPUTS`."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
+    names = accepted_names(fn)
+    return fn(**(kwargs if names is None else {k: v for k, v in kwargs.items() if k in names}))
 
 
 def accepted_names(fn: Callable[..., Any]) -> set[str] | None:
     """The keyword names `fn` declares; None when it takes **kwargs (everything)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _parameters(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return set(params)
+    return {p.name for p in params}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parameters(fn: Callable[..., Any]) -> tuple[inspect.Parameter, ...]:
+    # signature() costs tens of microseconds and runs several times per node per prompt; node classes are fixed
+    return tuple(inspect.signature(fn).parameters.values())

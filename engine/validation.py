@@ -6,7 +6,6 @@ coerced to their declared type in a copy of the prompt, which is what then runs.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import traceback
@@ -34,7 +33,7 @@ def problem(kind: str, message: str, details: str = "", **extra_info: Any) -> di
 def validate_prompt(prompt: Any, registry: NodeRegistry, context: Any = None) -> Validated:
     """Raise `InvalidPrompt` when no output can run; else return what can, with the errors of the rest."""
     check_shape(prompt, registry)
-    prompt = copy.deepcopy(prompt)
+    prompt = {nid: {**node, "inputs": dict(node.get("inputs", {}))} for nid, node in prompt.items()}  # to coerce
     outputs = [nid for nid, node in prompt.items() if getattr(registry.get(node["class_type"]), "OUTPUT_NODE", False)]
     if not outputs:
         raise InvalidPrompt(problem("prompt_no_outputs", "Prompt has no outputs"))
@@ -78,7 +77,7 @@ def check_shape(prompt: Any, registry: NodeRegistry) -> None:
         if class_type not in registry:
             raise InvalidPrompt(problem(
                 "invalid_prompt", f"Cannot execute because node {class_type} does not exist.", where))
-        if not isinstance(node.setdefault("inputs", {}), dict):
+        if not isinstance(node.get("inputs", {}), dict):
             raise InvalidPrompt(problem("invalid_prompt", "A node's inputs must be an object", where))
 
 
@@ -111,7 +110,7 @@ class _NodeChecker:
     def _check_inputs(self, node_id: str) -> tuple[bool, list[dict[str, Any]]]:
         node = self.prompt[node_id]
         cls = self.registry.get(node["class_type"])
-        spec = input_types(cls, self.context)
+        spec = input_types(cls)
         inputs = node["inputs"]
         custom = getattr(cls, "VALIDATE_INPUTS", None)
         custom_names = accepted_names(custom) if custom else set()

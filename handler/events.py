@@ -22,6 +22,8 @@ class EventHub:
 
     def publish(self, event: str, data: dict[str, Any], client_id: str | None = None) -> None:
         """Thread-safe: send to `client_id`, or to every client when it is None (as ComfyUI does)."""
+        if not self.clients:  # nobody listens: skip the encoding and the wake-up (most API calls)
+            return
         message = orjson.dumps({"type": event, "data": data}, default=str)
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._deliver, message, client_id)

@@ -12,7 +12,7 @@ from starlette.responses import FileResponse, Response
 
 from engine.errors import BadRequest, NotFound
 from engine.uploads import save_upload
-from handler.responses import JSONResponse, PNGResponse
+from handler.responses import JSONResponse, PNGResponse, content_disposition
 
 CHANNELS = ("rgba", "rgb", "a")
 
@@ -29,7 +29,7 @@ async def view(request: Request) -> Response:
     path = folders.resolve(params.get("type", "output"), params.get("subfolder", ""), filename)
     if not path.is_file():
         raise NotFound(f"no file {filename!r} in {params.get('type', 'output')}/{params.get('subfolder', '')}")
-    disposition = {"Content-Disposition": f'filename="{path.name}"'}
+    disposition = {"Content-Disposition": content_disposition(path.name)}
     if channel == "rgba":
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media, headers=disposition)

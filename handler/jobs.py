@@ -20,7 +20,9 @@ async def validate(executor: Executor, request: PromptRequest, strict: bool) -> 
 
     `strict` refuses a prompt with any failing output; otherwise, as ComfyUI's `/prompt` does, the outputs that
     passed run and the errors of the others are reported beside them."""
-    scratch, uploads = await run_in_threadpool(stage_request_files, executor.folders, request.files)
+    scratch, uploads = None, {}
+    if request.files:
+        scratch, uploads = await run_in_threadpool(stage_request_files, executor.folders, request.files)
     try:
         validated = await run_in_threadpool(executor.validate, request.prompt, uploads)
         if strict and validated.node_errors:

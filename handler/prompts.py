@@ -13,7 +13,7 @@ from engine.errors import NotFound
 from engine.imagestore import StoredImage, is_digest
 from handler.body import prompt_digest, read_prompt_request
 from handler.jobs import submit, validate
-from handler.responses import JSONResponse, PNGResponse
+from handler.responses import JSONResponse, PNGResponse, content_disposition
 
 
 async def post_prompts(request: Request) -> Response:
@@ -68,7 +68,7 @@ def _image_headers(stored: StoredImage, digest: str) -> dict[str, str]:
     return {
         "Location": f"/api/v1/images/{digest}",
         "Digest": f"SHA256={digest}",
-        "Content-Disposition": f"filename={stored.filename}",
+        "Content-Disposition": content_disposition(stored.filename),
     }
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.responses import Response
@@ -20,3 +22,12 @@ class JSONResponse(Response):
 
 class PNGResponse(Response):
     media_type = "image/png"
+
+
+def content_disposition(filename: str) -> str:
+    """`filename=<name>` as the contract writes it; names outside printable ASCII (a non-ASCII SaveImage prefix)
+    get an ASCII fallback plus RFC 5987's `filename*`, since header values must be Latin-1."""
+    if re.fullmatch(r"[A-Za-z0-9._\-]+", filename):
+        return f"filename={filename}"
+    fallback = re.sub(r"[^A-Za-z0-9._\-]", "_", filename)
+    return f"filename={fallback}; filename*=UTF-8''{quote(filename)}"

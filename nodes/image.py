@@ -113,6 +113,9 @@ class ImageBatch:
         return {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}
 
     def batch(self, image1: torch.Tensor, image2: torch.Tensor):
+        if image1.shape[-1] != image2.shape[-1]:  # RGB beside RGBA: the RGB batch gets an opaque alpha channel
+            image1, image2 = (torch.nn.functional.pad(image, (0, 1), value=1.0) if image.shape[-1] == 3 else image
+                              for image in (image1, image2))
         if image1.shape[1:] != image2.shape[1:]:
             # ComfyUI resizes the second batch to the first (bilinear, centre-cropped to its aspect ratio)
             resized = images.resize(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bilinear", "center")

@@ -53,7 +53,7 @@ class SaveImage:
         prefix = _expand(filename_prefix, width=batch.shape[2], height=batch.shape[1])
         folder, subfolder, name = _split_prefix(base, prefix)
         text = _metadata(prompt, extra_pnginfo)
-        counter = _next_counter(folder, name)
+        counter = context.file_numbers.take(folder, name, len(batch))
         results = []
         for batch_number, image in enumerate(batch):
             data = encode_png(to_pil(image), text, self.compress_level)
@@ -62,6 +62,7 @@ class SaveImage:
                 counter += 1  # another writer took this number meanwhile
             results.append({"filename": f"{stem}_{counter:05}_.png", "subfolder": subfolder, "type": self.folder_type})
             counter += 1
+        context.file_numbers.written(folder, name, counter - 1)
         return results
 
 
@@ -112,22 +113,6 @@ def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
         raise BadRequest("the prefix needs a file name part")
     folder = safe_join(base, subfolder, name).parent
     return folder, subfolder, name
-
-
-def _next_counter(folder: Path, name: str) -> int:
-    """One more than the highest `<name>_<counter>_` already in the folder (ComfyUI's numbering)."""
-    highest = 0
-    try:
-        entries = os.listdir(folder)
-    except FileNotFoundError:
-        return 1
-    start = name.lower() + "_"
-    for entry in entries:
-        if entry.lower().startswith(start) and entry.endswith("_.png"):
-            digits = entry[len(start):].split("_")[0]
-            if digits.isdigit():
-                highest = max(highest, int(digits))
-    return highest + 1
 
 
 NODE_CLASS_MAPPINGS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage}
