@@ -48,7 +48,7 @@ class Executor:
         self.accepting = True
         self._listeners: list[Listener] = []
         self._number = 0
-        self._number_lock = threading.Lock()
+        self._admission_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -98,15 +98,16 @@ class Executor:
                client_id: str | None = None, front: bool = False, number: float | None = None,
                prompt_id: str | None = None, uploads: dict[str, Path] | None = None, scratch: Path | None = None,
                digest: str | None = None, on_done: Callable[[Outcome], None] | None = None) -> Job:
-        self.check_admission()
-        with self._number_lock:
+        with self._admission_lock:  # check and enqueue together, so concurrent requests cannot overshoot
+            self.check_admission()
             if number is None:
                 number = -self._number if front else self._number
             self._number += 1
-        job = Job(number=number, prompt_id=prompt_id or str(uuid.uuid4()), prompt=validated.prompt,
-                  outputs=validated.outputs, source_prompt=source_prompt, extra_data=extra_data or {},
-                  client_id=client_id, uploads=dict(uploads or {}), scratch=scratch, digest=digest, on_done=on_done)
-        self.queue.put(job)
+            job = Job(number=number, prompt_id=prompt_id or str(uuid.uuid4()), prompt=validated.prompt,
+                      outputs=validated.outputs, source_prompt=source_prompt, extra_data=extra_data or {},
+                      client_id=client_id, uploads=dict(uploads or {}), scratch=scratch, digest=digest,
+                      on_done=on_done)
+            self.queue.put(job)
         self._queue_changed()
         return job
 

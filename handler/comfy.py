@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -54,11 +55,7 @@ async def get_queue(request: Request) -> Response:
 
 async def post_queue(request: Request) -> Response:
     executor = request.app.state.executor
-    data = await _optional_json(request)
-    if data.get("clear"):
-        executor.clear()
-    if "delete" in data:
-        executor.delete([str(item) for item in _list(data, "delete")])
+    await _clear_or_delete(request, executor.clear, executor.delete)
     return Response(status_code=200)
 
 
@@ -83,11 +80,7 @@ async def get_history_item(request: Request) -> Response:
 
 async def post_history(request: Request) -> Response:
     history = request.app.state.executor.history
-    data = await _optional_json(request)
-    if data.get("clear"):
-        history.clear()
-    if "delete" in data:
-        history.delete([str(item) for item in _list(data, "delete")])
+    await _clear_or_delete(request, history.clear, history.delete)
     return Response(status_code=200)
 
 
@@ -133,11 +126,16 @@ async def _optional_json(request: Request) -> dict:
     return data
 
 
-def _list(data: dict, key: str) -> list:
-    value = data[key]
-    if not isinstance(value, list):
-        raise BadRequest(f"{key} must be a list of prompt ids")
-    return value
+async def _clear_or_delete(request: Request, clear: Callable[[], None],
+                           delete: Callable[[list[str]], None]) -> None:
+    """ComfyUI's `{"clear": true}` / `{"delete": [prompt_id, ...]}` bodies of POST /queue and POST /history."""
+    data = await _optional_json(request)
+    if data.get("clear"):
+        clear()
+    if "delete" in data:
+        if not isinstance(data["delete"], list):
+            raise BadRequest("delete must be a list of prompt ids")
+        delete([str(item) for item in data["delete"]])
 
 
 def _int_param(request: Request, name: str) -> int | None:

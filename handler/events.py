@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import orjson
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,8 @@ class EventHub:
         queue.put_nowait(orjson.dumps({"type": "status", "data": status}))
         sender = asyncio.create_task(self._send(websocket, queue))
         try:
-            while True:  # ComfyUI clients send nothing that matters; reading notices the disconnect
-                await websocket.receive_text()
-        except (WebSocketDisconnect, RuntimeError):
-            pass
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass  # ComfyUI clients send nothing that matters; reading notices the disconnect
         finally:
             sender.cancel()
             if self.clients.get(client_id) is queue:

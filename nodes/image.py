@@ -12,18 +12,9 @@ from engine.errors import EngineError
 MAX_RESOLUTION = 16384
 
 
-class LoadImage:
-    CATEGORY = "image"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    FUNCTION = "load_image"
-
-    @classmethod
-    def INPUT_TYPES(cls, context: NodeContext | None = None):
-        files = context.folders.list_images() if context is not None else []
-        return {"required": {"image": (files, {"image_upload": True})}, "hidden": {"context": "CONTEXT"}}
-
-    def load_image(self, image: str, context: NodeContext):
-        return images.load_image(context.input_path(image))
+class _InputImageNode:
+    """Shared by the loaders of `input/` files: the file's hash is its change signal, and a missing file is a
+    validation error (a 400) rather than a failure while running."""
 
     @classmethod
     def IS_CHANGED(cls, image: str, context: NodeContext):
@@ -31,10 +22,31 @@ class LoadImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image: str, context: NodeContext):
-        return _check_input_file(image, context)
+        try:
+            context.input_path(image)
+        except EngineError as exc:
+            return f"Invalid image file: {image} ({exc})"
+        return True
+
+    @staticmethod
+    def image_input(context: NodeContext | None) -> tuple[list[str], dict]:
+        return (context.folders.list_images() if context is not None else [], {"image_upload": True})
 
 
-class LoadImageMask:
+class LoadImage(_InputImageNode):
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+
+    @classmethod
+    def INPUT_TYPES(cls, context: NodeContext | None = None):
+        return {"required": {"image": cls.image_input(context)}, "hidden": {"context": "CONTEXT"}}
+
+    def load_image(self, image: str, context: NodeContext):
+        return images.load_image(context.input_path(image))
+
+
+class LoadImageMask(_InputImageNode):
     CATEGORY = "mask"
     RETURN_TYPES = ("MASK",)
     FUNCTION = "load_image"
@@ -42,30 +54,13 @@ class LoadImageMask:
 
     @classmethod
     def INPUT_TYPES(cls, context: NodeContext | None = None):
-        files = context.folders.list_images() if context is not None else []
         return {
-            "required": {"image": (files, {"image_upload": True}), "channel": (cls.CHANNELS,)},
+            "required": {"image": cls.image_input(context), "channel": (cls.CHANNELS,)},
             "hidden": {"context": "CONTEXT"},
         }
 
     def load_image(self, image: str, channel: str, context: NodeContext):
         return (images.load_channel(context.input_path(image), channel),)
-
-    @classmethod
-    def IS_CHANGED(cls, image: str, context: NodeContext):
-        return hashlib.sha256(context.input_path(image).read_bytes()).hexdigest()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image: str, context: NodeContext):
-        return _check_input_file(image, context)
-
-
-def _check_input_file(name: str, context: NodeContext) -> bool | str:
-    try:
-        context.input_path(name)
-    except EngineError as exc:
-        return f"Invalid image file: {name} ({exc})"
-    return True
 
 
 class EmptyImage:
