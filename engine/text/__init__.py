@@ -1,0 +1,1 @@
+"""Text: the CLIP tokenizer with ComfyUI prompt syntax, and prompt encoding with the text encoders."""
