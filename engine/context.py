@@ -3,13 +3,17 @@ check and the progress reporter. Passed explicitly (the hidden `CONTEXT` input),
 from __future__ import annotations
 
 import threading
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.devices import DevicePolicy, policy_for
 from engine.errors import Interrupted, NotFound
 from engine.files import FileNumbers
 from engine.folders import Folders
+from engine.modelfiles import ModelFiles
 
 ProgressFn = Callable[[float, float], None]
 
@@ -22,6 +26,8 @@ class NodeContext:
     progress: ProgressFn | None = None
     prompt_id: str | None = None
     file_numbers: FileNumbers = field(default_factory=FileNumbers)  # shared by the executor's prompts
+    models: ModelFiles | None = None  # models/<folder>/ of the data directory
+    policy: DevicePolicy = field(default_factory=lambda: policy_for(torch.device("cpu")))  # the executor's device
 
     def check_interrupted(self) -> None:
         """Long-running nodes call this between steps; it raises once the prompt is interrupted."""
@@ -32,6 +38,14 @@ class NodeContext:
         if self.progress is not None:
             self.progress(value, total)
         self.check_interrupted()
+
+    def model_path(self, folder: str, name: str) -> Path:
+        if self.models is None:
+            raise NotFound("this context has no model folders")
+        return self.models.find(folder, name)
+
+    def model_names(self, folder: str) -> list[str]:
+        return self.models.list(folder) if self.models is not None else []
 
     def input_path(self, name: str) -> Path:
         """An input file by the name a prompt uses: this request's upload first, then the data folders."""

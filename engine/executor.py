@@ -18,11 +18,13 @@ from engine.cache import OutputCache
 from engine.context import NodeContext
 from engine.errors import Draining, ExecutionFailed, ExecutionInterrupted, QueueFull, StorageError
 from engine.execution import run_prompt
+from engine.devices import policy_for, resolve_device
 from engine.files import FileNumbers
 from engine.folders import Folders
 from engine.history import History
 from engine.imagestore import ImageStore, StoredImage
 from engine.jobs import Job, JobQueue, Outcome
+from engine.modelfiles import ModelFiles
 from engine.registry import NodeRegistry
 from engine.settings import Settings
 from engine.validation import Validated, validate_prompt
@@ -44,6 +46,8 @@ class Executor:
         self.history = History(settings.history_size)
         self.queue = JobQueue()
         self.file_numbers = FileNumbers()
+        self.models = ModelFiles(settings.models_dir)
+        self.policy = policy_for(resolve_device(settings.device))
         self.last_prompt: dict[str, Any] | None = None
         self.accepting = True
         self._listeners: list[Listener] = []
@@ -81,8 +85,10 @@ class Executor:
         self.emit("status", {"status": {"exec_info": {"queue_remaining": self.remaining()}}})
 
     # -- admission --------------------------------------------------------------------------------------------
-    def context(self, uploads: dict[str, Path] | None = None, prompt_id: str | None = None) -> NodeContext:
-        return NodeContext(self.folders, dict(uploads or {}), prompt_id=prompt_id, file_numbers=self.file_numbers)
+    def context(self, uploads: dict[str, Path] | None = None, prompt_id: str | None = None,
+                interrupt: threading.Event | None = None) -> NodeContext:
+        return NodeContext(self.folders, dict(uploads or {}), interrupt or threading.Event(), prompt_id=prompt_id,
+                           file_numbers=self.file_numbers, models=self.models, policy=self.policy)
 
     def validate(self, prompt: Any, uploads: dict[str, Path] | None = None) -> Validated:
         return validate_prompt(prompt, self.registry, self.context(uploads))
@@ -160,8 +166,7 @@ class Executor:
                 messages.append([event, data])
             self.emit(event, data, job.client_id)
 
-        context = NodeContext(self.folders, job.uploads, job.interrupt, prompt_id=job.prompt_id,
-                              file_numbers=self.file_numbers)
+        context = self.context(job.uploads, job.prompt_id, job.interrupt)
         started = time.perf_counter()
         try:
             result = run_prompt(job.prompt, job.outputs, self.registry, self.cache, context, emit, job.extra_data)

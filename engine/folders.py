@@ -59,12 +59,8 @@ def safe_join(base: Path, subfolder: str, filename: str) -> Path:
     """`base/subfolder/filename`, guaranteed to stay inside `base` after resolving symbolic links."""
     if not filename or filename in (".", ".."):
         raise BadRequest("a file name is required")
-    for part, label in ((subfolder, "subfolder"), (filename, "filename")):
-        if "\x00" in part:
-            raise BadRequest(f"{label} contains a NUL character")
-        pieces = part.replace("\\", "/").split("/")
-        if part.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", part) or ".." in pieces:
-            raise Forbidden(f"{label} {part!r} points outside the folder; use a plain relative name")
+    check_relative(subfolder, "subfolder")
+    check_relative(filename, "filename")
     if "/" in filename or "\\" in filename:
         raise BadRequest(f"filename {filename!r} must not contain a path separator; put directories in subfolder")
     root = base.resolve()
@@ -72,3 +68,12 @@ def safe_join(base: Path, subfolder: str, filename: str) -> Path:
     if candidate != root and root not in candidate.parents:
         raise Forbidden(f"{filename!r} resolves outside the folder (a symbolic link out is not followed)")
     return candidate
+
+
+def check_relative(name: str, label: str = "name") -> None:
+    """Refuse names that could leave the folder they are joined to: absolute, drive-letter, `..`, NUL."""
+    if "\x00" in name:
+        raise BadRequest(f"{label} contains a NUL character")
+    pieces = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in pieces:
+        raise Forbidden(f"{label} {name!r} points outside the folder; use a plain relative name")

@@ -89,18 +89,3 @@ def load_channel(path: Path, channel: str) -> torch.Tensor:
             return torch.zeros((1, 64, 64), dtype=torch.float32)
         mask = from_pil(frame.getchannel(band))
     return (1.0 - mask if band == "A" else mask).unsqueeze(0)
-
-
-def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
-    """ComfyUI's `common_upscale` for channels-first tensors `[B, C, H, W]`: optional centre crop to the target
-    aspect ratio, then `torch.nn.functional.interpolate` with the method's mode."""
-    if crop == "center":
-        old_h, old_w = samples.shape[-2:]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        samples = samples.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
-    return torch.nn.functional.interpolate(samples, size=(height, width), mode=method)

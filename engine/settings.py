@@ -26,6 +26,7 @@ class Settings:
     history_size: int = 1000  # finished prompts kept for /history
     cache_size: int = 256  # node outputs kept for reuse across prompts (entries, least recently used evicted)
     retry_after_s: int = 5  # the Retry-After header sent with 429
+    device: str = "auto"  # the executor's device: auto (CUDA when present), cpu, cuda, cuda:N
     log_level: str = "info"
 
     @property
@@ -87,6 +88,7 @@ FIELDS: tuple[Field, ...] = (
     Field("history_size", _positive_int, "finished prompts kept for /history (oldest dropped first)"),
     Field("cache_size", _positive_int, "node outputs kept between prompts for reuse (entries, LRU)"),
     Field("retry_after_s", _positive_int, "seconds sent in Retry-After with a 429"),
+    Field("device", str, "device the executor runs models on: auto (first CUDA GPU, else cpu), cpu, cuda:N"),
     Field("log_level", _log_level, "logging level: debug, info, warning, error"),
 )
 
