@@ -40,8 +40,11 @@ STATUS: list[tuple[type[Exception], int]] = [
 
 
 def status_of(exc: BaseException) -> int:
-    if isinstance(exc, ExecutionFailed) and isinstance(exc.cause, (StorageError, OSError)) and _is_storage(exc.cause):
-        return 507
+    if isinstance(exc, ExecutionFailed):
+        if _is_storage(exc.cause):
+            return 507
+        if isinstance(exc.cause, BadRequest):  # found while running, but the request's mistake (a bad model file)
+            return status_of(exc.cause)
     for cls, status in STATUS:
         if isinstance(exc, cls):
             return status

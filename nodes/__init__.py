@@ -1,9 +1,8 @@
 """The node classes a prompt can name, grouped by domain. The engine registers this package by name."""
-from nodes import image, output, primitives
+from nodes import conditioning, image, latent, loaders, output, primitives, sampling
 
-NODE_CLASS_MAPPINGS = {**image.NODE_CLASS_MAPPINGS, **output.NODE_CLASS_MAPPINGS, **primitives.NODE_CLASS_MAPPINGS}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    **image.NODE_DISPLAY_NAME_MAPPINGS,
-    **output.NODE_DISPLAY_NAME_MAPPINGS,
-    **primitives.NODE_DISPLAY_NAME_MAPPINGS,
-}
+_MODULES = (loaders, conditioning, sampling, latent, image, output, primitives)
+
+NODE_CLASS_MAPPINGS = {name: cls for module in _MODULES for name, cls in module.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: label for module in _MODULES
+                              for name, label in module.NODE_DISPLAY_NAME_MAPPINGS.items()}

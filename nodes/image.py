@@ -8,6 +8,7 @@ import torch
 from engine import images
 from engine.context import NodeContext
 from engine.errors import EngineError
+from engine.resize import common_upscale
 
 MAX_RESOLUTION = 16384
 
@@ -113,7 +114,7 @@ class ImageBatch:
                               for image in (image1, image2))
         if image1.shape[1:] != image2.shape[1:]:
             # ComfyUI resizes the second batch to the first (bilinear, centre-cropped to its aspect ratio)
-            resized = images.resize(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bilinear", "center")
+            resized = common_upscale(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bilinear", "center")
             image2 = resized.movedim(1, -1)
         return (torch.cat((image1, image2), dim=0),)
 
