@@ -27,6 +27,17 @@ class Settings:
     cache_size: int = 256  # node outputs kept for reuse across prompts (entries, least recently used evicted)
     retry_after_s: int = 5  # the Retry-After header sent with 429
     device: str = "auto"  # the executor's device: auto (CUDA when present), cpu, cuda, cuda:N
+    extra_model_paths: Path | None = None  # ComfyUI's extra_model_paths.yaml, to reuse existing model folders
+    model_registry: Path | None = None  # a user's registry file, added to the packaged known-models registry
+    hub_allow: str = ""  # orgs or org/repo allowed in hf:// references, comma-separated; empty: hf:// refused
+    download_retries: int = 3  # attempts per file before a download error is reported
+    preload: str = ""  # folder/name entries to fetch at start, comma-separated (e.g. checkpoints/x.safetensors)
+    preload_load: bool = False  # also load the preloaded checkpoints into memory at start
+    warmup_prompt: Path | None = None  # a prompt file run once at start; /readyz answers 503 until it ran
+    memory_budget_mb: int = 0  # resident models' budget (GPU memory on CUDA, RAM on CPU); 0: most of the device
+    store_url: str = ""  # s3://bucket/prefix for images shared by replicas; empty: the local data directory
+    s3_endpoint: str = ""  # endpoint URL of an S3-compatible store (credentials from AWS_* variables)
+    drain_grace_s: int = 30  # after SIGTERM, seconds to finish in-flight prompts before exiting
     log_level: str = "info"
 
     @property
@@ -72,6 +83,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _log_level(text: str) -> str:
     level = text.lower()
     if level not in ("debug", "info", "warning", "error", "critical"):
@@ -89,6 +109,17 @@ FIELDS: tuple[Field, ...] = (
     Field("cache_size", _positive_int, "node outputs kept between prompts for reuse (entries, LRU)"),
     Field("retry_after_s", _positive_int, "seconds sent in Retry-After with a 429"),
     Field("device", str, "device the executor runs models on: auto (first CUDA GPU, else cpu), cpu, cuda:N"),
+    Field("extra_model_paths", Path, "ComfyUI's extra_model_paths.yaml, to use existing model folders"),
+    Field("model_registry", Path, "extra known-models registry file (JSON), added to the packaged one"),
+    Field("hub_allow", str, "orgs or org/repo allowed in hf:// model references, comma-separated (empty: off)"),
+    Field("download_retries", _positive_int, "attempts per file before a hub download is reported failed"),
+    Field("preload", str, "models to fetch at start, comma-separated folder/name (e.g. checkpoints/x.safetensors)"),
+    Field("preload_load", _bool, "also load the preloaded checkpoints into memory at start"),
+    Field("warmup_prompt", Path, "a prompt file run once at start; /readyz answers 503 until it has run"),
+    Field("memory_budget_mb", _positive_int, "memory for resident models in MiB (GPU on CUDA, RAM on CPU); 0: auto"),
+    Field("store_url", str, "s3://bucket/prefix to share images between replicas (empty: local data directory)"),
+    Field("s3_endpoint", str, "endpoint URL of an S3-compatible store; credentials from AWS_* variables"),
+    Field("drain_grace_s", _positive_int, "seconds after SIGTERM to finish in-flight prompts before exiting"),
     Field("log_level", _log_level, "logging level: debug, info, warning, error"),
 )
 
