@@ -82,13 +82,13 @@ def measure(family: str, path: Path, device: str, size: int, steps: int) -> dict
     from engine.text.handle import ClipHandle
 
     policy = policy_for(resolve_device(device))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = reset_peak_rss()
     started = time.perf_counter()
     loaded = load_checkpoint(path, policy)
     load_s = time.perf_counter() - started
     weights = sum(p.numel() * p.element_size() for m in [loaded.unet, loaded.vae, *loaded.text_models]
                   for p in m.parameters())
-    peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_after_load = status_bytes("VmHWM")
 
     model = DiffusionModel(loaded.unet, loaded.model_sampling, loaded.family.latent_format, loaded.family.name)
     clip = ClipHandle.for_family(loaded.family.name, loaded.text_models, None)
@@ -141,6 +141,21 @@ def measure(family: str, path: Path, device: str, size: int, steps: int) -> dict
         "image_shape": list(image.shape),
         "peak_rss_bytes_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Start the peak-RSS watermark afresh (Linux: writing 5 to clear_refs) and return the RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS")
 
 
 def sync(device: torch.device) -> None:
