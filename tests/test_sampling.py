@@ -637,16 +637,12 @@ def test_cfg_empty_lists_count_as_zero_and_near_one_cfg_scales():
     assert len(rec.calls) == 1 and torch.equal(out, (x * 0.5 + 1.0) * cfg)
 
 
-def test_cond_refuses_unsupported_fields():
-    with pytest.raises(NotImplementedError, match="area"):
-        Cond(ctx(1.0), area=(8, 8, 0, 0))
-    with pytest.raises(NotImplementedError, match="timestep_range"):
-        Cond(ctx(1.0), timestep_range=(0.0, 0.5))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ksampler
-# ---------------------------------------------------------------------------------------------------------------
+def test_cond_checks_its_fields():
+    with pytest.raises(ValueError, match="area"):
+        Cond(ctx(1.0), area=(0, 8, 0, 0))
+    with pytest.raises(ValueError, match="mask"):
+        Cond(ctx(1.0), mask=torch.ones(8, 8))
+    assert Cond(ctx(1.0), area=(8, 8, 0, 0), timestep_range=(14.6, 0.0)).area == (8, 8, 0, 0)
 
 
 def test_prepare_noise_is_torch_manual_seed_randn():
