@@ -1,8 +1,11 @@
 """Single-file checkpoints in the original Stable Diffusion layout: reading them, recognising the family from key
-names and shapes, and building the networks without holding the weights twice.
+names and shapes, building the networks without holding the weights twice, and handing them out as resident
+MODEL / CLIP / VAE handles (`open_checkpoint`, `open_vae`).
 
 Networks are constructed on the `meta` device (no memory, no random initialisation) and then take the file's
-tensors with `load_state_dict(..., assign=True)`, each tensor moved to the device and dtype once.
+tensors with `load_state_dict(..., assign=True)`, each tensor moved to the device and dtype once: a float32 file
+loaded to the CPU in float32 keeps the memory-mapped pages as its weights (no copy at all). Each network of a
+checkpoint (UNet, text encoders, VAE) is a separate resident entry, so an evicted one is read back alone.
 
 Families (the key prefixes of the original checkpoints):
 - SD1.x: `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.transformer.` (CLIP ViT-L, HF layout)
@@ -13,6 +16,8 @@ Families (the key prefixes of the original checkpoints):
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +26,17 @@ from typing import Any, Mapping
 import torch
 
 from engine.devices import DevicePolicy
+from engine.diffusion import DiffusionModel
 from engine.errors import BadRequest
+from engine.handles import VAEHandle
+from engine.modelfiles import ModelFiles
 from engine.models.clip import ClipCheckpointError, CLIPTextModel, load_clip
 from engine.models.unet import UNetCheckpointError, UNetConfig, UNetModel, detect_unet_config, load_unet
 from engine.models.vae import AutoencoderKL, VAEWeightsError, load_vae
+from engine.residency import ModelCache, ModelKey, Resident
 from engine.sampling.model_sampling import SD15_LATENT, SDXL_LATENT, LatentFormat, ModelSampling
+from engine.text.encode import TextEncoder
+from engine.text.handle import ClipHandle, build_encoder, embedding_source
 from engine.weightfile import WeightFile, WeightFileError
 
 log = logging.getLogger(__name__)
@@ -103,6 +114,78 @@ def _sample_keys(sd: Mapping[str, Any]) -> str:
     return ", ".join(keys) if keys else "no tensors at all"
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read from its header (and, for SD2, one tensor): enough to name and size its
+    networks without loading them."""
+    path: Path
+    family: Family
+    unet_config: UNetConfig
+    unet_stored: torch.dtype  # the dtype of the UNet's weights in the file
+    sizes: dict[str, int]  # parameters per network: unet, text, vae
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    sd = read_state_dict(path)
+    family, unet_config = detect_family(sd, path.name)
+    stored = next(v.dtype for k, v in sd.items() if k.startswith(UNET_PREFIX))
+    sizes = {"unet": _count(sd, (UNET_PREFIX,)), "text": _count(sd, family.clip_prefixes),
+             "vae": _count(sd, (VAE_PREFIX,))}
+    _release(sd)
+    return CheckpointInfo(path, family, unet_config, stored, sizes)
+
+
+def _count(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> int:
+    """Elements under the prefixes, from shapes only (a WeightFile reads no data for this)."""
+    total = 0
+    for key in sd:
+        if key.startswith(prefixes):
+            shape = sd.shape(key) if isinstance(sd, WeightFile) else tuple(sd[key].shape)
+            total += math.prod(shape)
+    return total
+
+
+# what the per-network loaders raise for weights of the wrong keys or shapes; the file is then not a checkpoint
+# of the family it looked like
+_WEIGHT_ERRORS = (UNetCheckpointError, ClipCheckpointError, VAEWeightsError, WeightFileError, ValueError)
+
+
+def load_unet_part(info: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> UNetModel:
+    sd = read_state_dict(info.path)
+    try:
+        # peak memory: the converted UNet plus the file's UNet pages, never the whole file twice
+        return load_unet(sd, UNET_PREFIX, config=info.unet_config, device=device, dtype=dtype)
+    except _WEIGHT_ERRORS as exc:
+        raise CheckpointError(f"{info.path.name} looks like a {info.family.name} checkpoint but {exc}") from exc
+    finally:
+        _release(sd)
+
+
+def load_text_part(info: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> list[CLIPTextModel]:
+    sd = read_state_dict(info.path)
+    try:
+        # ComfyUI keeps text encoders in float16 and computes in float32 on the CPU: round through float16 to match
+        return [load_clip(sd, prefix, device=device, dtype=dtype, round_to=torch.float16)
+                for prefix in info.family.clip_prefixes]
+    except _WEIGHT_ERRORS as exc:
+        raise CheckpointError(f"{info.path.name} looks like a {info.family.name} checkpoint but {exc}") from exc
+    finally:
+        _release(sd)
+
+
+def load_vae_part(path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE of a checkpoint, or a standalone VAE file (original or diffusers layout, no prefix)."""
+    sd = read_state_dict(path)
+    prefix = VAE_PREFIX if _has(sd, VAE_PREFIX) else ""
+    try:
+        return load_vae(sd, prefix, device=device, dtype=dtype)
+    except _WEIGHT_ERRORS as exc:
+        what = "checkpoint's VAE" if prefix else "VAE this service can load"
+        raise CheckpointError(f"{path.name}: not a {what}: {exc}") from exc
+    finally:
+        _release(sd)
+
+
 @dataclass
 class LoadedCheckpoint:
     family: Family
@@ -112,40 +195,95 @@ class LoadedCheckpoint:
     model_sampling: ModelSampling
 
 
-# what the per-network loaders raise for weights of the wrong keys or shapes; the file is then not a checkpoint
-# of the family it looked like
-_WEIGHT_ERRORS = (UNetCheckpointError, ClipCheckpointError, VAEWeightsError, WeightFileError, ValueError)
-
-
 def load_checkpoint(path: Path, policy: DevicePolicy) -> LoadedCheckpoint:
+    """Every network of a checkpoint, loaded now and owned by the caller (no residency)."""
     started = time.perf_counter()
-    sd = read_state_dict(path)
-    family, unet_config = detect_family(sd, path.name)
-    try:
-        stored = next(v.dtype for k, v in sd.items() if k.startswith(UNET_PREFIX))
-        unet = load_unet(sd, UNET_PREFIX, config=unet_config, device=policy.device,
-                         dtype=policy.keep_or(stored, policy.unet_dtype))
-        _release(sd)  # peak memory: the converted UNet plus the file's UNet pages, never the whole file twice
-        # ComfyUI keeps text encoders in float16 and computes in float32 on the CPU: round through float16 to match
-        text_models = [load_clip(sd, prefix, device=policy.device, dtype=policy.text_dtype, round_to=torch.float16)
-                       for prefix in family.clip_prefixes]
-        _release(sd)
-        vae = load_vae(sd, VAE_PREFIX, device=policy.device, dtype=policy.vae_dtype)
-        _release(sd)
-    except _WEIGHT_ERRORS as exc:
-        raise CheckpointError(f"{path.name} looks like a {family.name} checkpoint but {exc}") from exc
-    del sd
-    log.info("loaded %s (%s%s) in %.2f s", path.name, family.name,
-             ", v-prediction" if family.prediction == "v" else "", time.perf_counter() - started)
-    # the sigma table lives on the device, so that timestep lookups in the sampling loop copy nothing
-    return LoadedCheckpoint(family, unet, text_models, vae, ModelSampling(family.prediction).to(policy.device))
+    info = inspect_checkpoint(path)
+    unet = load_unet_part(info, policy.device, policy.keep_or(info.unet_stored, policy.unet_dtype))
+    text_models = load_text_part(info, policy.device, policy.text_dtype)
+    if info.sizes["vae"] == 0:
+        raise CheckpointError(f"{path.name} looks like a {info.family.name} checkpoint but has no VAE "
+                              f"(`{VAE_PREFIX}*` keys)")
+    vae = load_vae_part(path, policy.device, policy.vae_dtype)
+    log.info("loaded %s (%s%s) in %.2f s", path.name, info.family.name,
+             ", v-prediction" if info.family.prediction == "v" else "", time.perf_counter() - started)
+    return LoadedCheckpoint(info.family, unet, text_models, vae, model_sampling_for(info.family, policy.device))
 
 
 def load_vae_file(path: Path, policy: DevicePolicy) -> AutoencoderKL:
     """A standalone VAE file (original or diffusers layout, no prefix), or a checkpoint's VAE."""
+    return load_vae_part(path, policy.device, policy.vae_dtype)
+
+
+def model_sampling_for(family: Family, device: torch.device) -> ModelSampling:
+    # the sigma table lives on the device, so that timestep lookups in the sampling loop copy nothing
+    return ModelSampling(family.prediction).to(device)
+
+
+# -- resident handles -------------------------------------------------------------------------------------------
+def open_checkpoint(path: Path, policy: DevicePolicy, cache: ModelCache | None, *, models: ModelFiles | None = None,
+                    folder: str = "checkpoints", load: bool = True) -> tuple[DiffusionModel, ClipHandle, VAEHandle]:
+    """MODEL, CLIP and VAE handles over the checkpoint's networks, resident in `cache` (shared with every other
+    handle of the same file, dtype and device). With `load`, the networks are loaded now (when not resident
+    already), so that a damaged file fails in the loader; otherwise on first use."""
+    cache = cache if cache is not None else private_cache(policy.device)
+    info = inspect_checkpoint(path)
+    where = str(path.resolve())
+    device = policy.device
+    unet_dtype = policy.keep_or(info.unet_stored, policy.unet_dtype)
+
+    def unet_loader() -> tuple[UNetModel, list[UNetModel]]:
+        unet = load_unet_part(info, device, unet_dtype)
+        return unet, [unet]
+
+    def text_loader() -> tuple[TextEncoder, list[CLIPTextModel]]:
+        text_models = load_text_part(info, device, policy.text_dtype)
+        return build_encoder(info.family.name, text_models), text_models
+
+    unet = cache.resident(ModelKey(where, "unet", unet_dtype, device), unet_loader, folder=folder,
+                          estimate=info.sizes["unet"] * _itemsize(unet_dtype))
+    text = cache.resident(ModelKey(where, "text", policy.text_dtype, device), text_loader, folder=folder,
+                          estimate=info.sizes["text"] * _itemsize(policy.text_dtype))
+    if info.sizes["vae"] == 0:
+        raise CheckpointError(f"{path.name} looks like a {info.family.name} checkpoint but has no VAE "
+                              f"(`{VAE_PREFIX}*` keys)")
+    vae = _vae_resident(path, policy, cache, folder, info.sizes["vae"])
+    if load:
+        for resident in (unet, text, vae):
+            resident.ensure_loaded()
+    model = DiffusionModel(unet, model_sampling_for(info.family, device), info.family.latent_format,
+                           info.family.name, config=info.unet_config)
+    clip = ClipHandle(text, embedding_source(models), family=info.family.name)
+    return model, clip, VAEHandle(vae)
+
+
+def open_vae(path: Path, policy: DevicePolicy, cache: ModelCache | None, *, folder: str = "vae",
+             load: bool = True) -> VAEHandle:
+    """A VAE handle over a standalone VAE file (or a checkpoint's VAE), resident in `cache`."""
+    cache = cache if cache is not None else private_cache(policy.device)
     sd = read_state_dict(path)
     prefix = VAE_PREFIX if _has(sd, VAE_PREFIX) else ""
-    try:
-        return load_vae(sd, prefix, device=policy.device, dtype=policy.vae_dtype)
-    except _WEIGHT_ERRORS as exc:
-        raise CheckpointError(f"{path.name} is not a VAE this service can load: {exc}") from exc
+    elements = _count(sd, (prefix,))
+    _release(sd)
+    resident = _vae_resident(path, policy, cache, folder, elements)
+    if load:
+        resident.ensure_loaded()
+    return VAEHandle(resident)
+
+
+def _vae_resident(path: Path, policy: DevicePolicy, cache: ModelCache, folder: str, elements: int) -> Resident:
+    def loader() -> tuple[AutoencoderKL, list[AutoencoderKL]]:
+        vae = load_vae_part(path, policy.device, policy.vae_dtype)
+        return vae, [vae]
+
+    key = ModelKey(str(path.resolve()), "vae", policy.vae_dtype, policy.device)
+    return cache.resident(key, loader, folder=folder, estimate=elements * _itemsize(policy.vae_dtype))
+
+
+def private_cache(device: torch.device) -> ModelCache:
+    """A cache without a budget for callers that have none (tests, scripts): nothing shared, nothing evicted."""
+    return ModelCache(sys.maxsize, device)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,4 +1,9 @@
-"""Liveness and readiness for load balancers and orchestrators."""
+"""Liveness and readiness for load balancers and orchestrators.
+
+`/healthz` answers 200 while the process serves HTTP, start-up work included. `/readyz` answers 200 only when a
+prompt sent now would be taken: 503 with the reason while starting, preloading models or warming up (or after
+either failed, with the error), while draining, and while the queue is at its limit.
+"""
 from __future__ import annotations
 
 from starlette.requests import Request
@@ -13,13 +18,16 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state = request.app.state
-    executor = state.executor
     if not getattr(state, "started", False):
-        reason = "starting"
-    elif not executor.accepting:
-        reason = "draining"
+        return JSONResponse({"status": "starting"}, status_code=503)
+    executor = state.executor
+    readiness = getattr(state, "readiness", None)
+    if not executor.accepting:
+        body = {"status": "draining"}
+    elif readiness is not None and not readiness.state.ready:
+        body = readiness.state.to_dict()
     elif executor.queue.pending_count() >= state.settings.max_queue:
-        reason = "queue_full"
+        body = {"status": "queue_full"}
     else:
         return JSONResponse({"status": "ready", "queue_remaining": executor.remaining()})
-    return JSONResponse({"status": reason}, status_code=503)
+    return JSONResponse(body, status_code=503)

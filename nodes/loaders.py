@@ -1,11 +1,13 @@
-"""Loader nodes: checkpoints and standalone VAEs from the data directory's model folders."""
+"""Loader nodes: checkpoints and standalone VAEs from the data directory's model folders, handed out as handles
+to networks resident in the executor's model cache (`context.resident`), shared by every prompt that names the
+same file."""
 from __future__ import annotations
 
-from engine.checkpoints import load_checkpoint, load_vae_file
+from pathlib import Path
+
+from engine.checkpoints import open_checkpoint, open_vae
 from engine.context import NodeContext
-from engine.diffusion import DiffusionModel
-from engine.errors import EngineError
-from engine.text.handle import ClipHandle
+from engine.errors import EngineError, NotFound
 
 
 class _ModelFileNode:
@@ -21,11 +23,21 @@ class _ModelFileNode:
     @classmethod
     def VALIDATE_INPUTS(cls, context: NodeContext, **inputs):
         name = inputs.get(cls.INPUT)
+        if context.models is None:
+            return "this context has no model folders"
         try:
-            context.model_path(cls.FOLDER, str(name))
+            context.models.check(cls.FOLDER, str(name))  # no download while validating: only whether one can
         except EngineError as exc:
             return str(exc)
         return True
+
+    @classmethod
+    def path(cls, context: NodeContext, name: str) -> Path:
+        """The file's local path, downloading it first when the registry or an hf:// reference names it (its
+        progress is the node's progress)."""
+        if context.models is None:
+            raise NotFound("this context has no model folders")
+        return context.models.find(cls.FOLDER, name, progress=context.progress)
 
 
 class CheckpointLoaderSimple(_ModelFileNode):
@@ -43,10 +55,8 @@ class CheckpointLoaderSimple(_ModelFileNode):
         return {"required": {"ckpt_name": cls.file_input(context)}, "hidden": {"context": "CONTEXT"}}
 
     def load_checkpoint(self, ckpt_name: str, context: NodeContext):
-        loaded = load_checkpoint(context.model_path(self.FOLDER, ckpt_name), context.policy)
-        model = DiffusionModel(loaded.unet, loaded.model_sampling, loaded.family.latent_format, loaded.family.name)
-        clip = ClipHandle.for_family(loaded.family.name, loaded.text_models, context.models)
-        return (model, clip, loaded.vae)
+        return open_checkpoint(self.path(context, ckpt_name), context.policy, _resident(context),
+                               models=context.models, folder=self.FOLDER)
 
 
 class VAELoader(_ModelFileNode):
@@ -61,7 +71,13 @@ class VAELoader(_ModelFileNode):
         return {"required": {"vae_name": cls.file_input(context)}, "hidden": {"context": "CONTEXT"}}
 
     def load_vae(self, vae_name: str, context: NodeContext):
-        return (load_vae_file(context.model_path(self.FOLDER, vae_name), context.policy),)
+        return (open_vae(self.path(context, vae_name), context.policy, _resident(context),
+                         folder=self.FOLDER),)
+
+
+def _resident(context: NodeContext):
+    """The executor's model cache; None (a private cache per load) for a context made without one."""
+    return getattr(context, "resident", None)
 
 
 NODE_CLASS_MAPPINGS = {"CheckpointLoaderSimple": CheckpointLoaderSimple, "VAELoader": VAELoader}
