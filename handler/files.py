@@ -11,6 +11,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from engine.errors import BadRequest, NotFound
+from engine.executor import Executor
+from engine.outputstore import relative_key
 from engine.uploads import save_upload
 from handler.responses import JSONResponse, PNGResponse, content_disposition
 
@@ -18,7 +20,8 @@ CHANNELS = ("rgba", "rgb", "a")
 
 
 async def view(request: Request) -> Response:
-    folders = request.app.state.executor.folders
+    """A file of this replica's folders, else (with a shared store) the copy another replica published."""
+    executor = request.app.state.executor
     params = request.query_params
     filename = params.get("filename")
     if not filename:
@@ -26,15 +29,32 @@ async def view(request: Request) -> Response:
     channel = params.get("channel", "rgba")
     if channel not in CHANNELS:
         raise BadRequest(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
-    path = folders.resolve(params.get("type", "output"), params.get("subfolder", ""), filename)
-    if not path.is_file():
-        raise NotFound(f"no file {filename!r} in {params.get('type', 'output')}/{params.get('subfolder', '')}")
+    kind, subfolder = params.get("type", "output"), params.get("subfolder", "")
+    path = executor.folders.resolve(kind, subfolder, filename)  # refuses names outside the folders
     disposition = {"Content-Disposition": content_disposition(path.name)}
-    if channel == "rgba":
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers=disposition)
-    data = await run_in_threadpool(_channel_png, path.read_bytes(), channel)
-    return PNGResponse(data, headers=disposition)
+    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if path.is_file():
+        if channel == "rgba":
+            return FileResponse(path, media_type=media, headers=disposition)
+        data = await run_in_threadpool(path.read_bytes)
+    else:
+        data = await _shared_copy(executor, kind, subfolder, filename)
+        if data is None:
+            raise NotFound(f"no file {filename!r} in {kind}/{subfolder}")
+        if channel == "rgba":
+            return Response(data, media_type=media, headers=disposition)
+    return PNGResponse(await run_in_threadpool(_channel_png, data, channel), headers=disposition)
+
+
+async def _shared_copy(executor: Executor, kind: str, subfolder: str, filename: str) -> bytes | None:
+    shared = executor.output_store  # None without a shared store
+    if shared is None:
+        return None
+    try:
+        relative_key(kind, subfolder, filename)
+    except ValueError:  # a name the folders accept but no publisher writes (such as `a/../b`)
+        return None
+    return await run_in_threadpool(shared.fetch, kind, subfolder, filename)
 
 
 def _channel_png(data: bytes, channel: str) -> bytes:

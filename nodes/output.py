@@ -14,6 +14,7 @@ from engine.context import NodeContext
 from engine.errors import BadRequest, EngineError
 from engine.files import create_new
 from engine.folders import safe_join
+from engine.outputstore import OutputStore
 
 
 class SaveImage:
@@ -54,16 +55,31 @@ class SaveImage:
         folder, subfolder, name = _split_prefix(base, prefix)
         text = _metadata(prompt, extra_pnginfo)
         counter = context.file_numbers.take(folder, name, len(batch))
+        shared = context.output_store  # contexts built without a shared store have none
         results = []
         for batch_number, image in enumerate(batch):
             data = encode_png(to_pil(image), text, self.compress_level)
             stem = name.replace("%batch_num%", str(batch_number))
             while not create_new(folder / f"{stem}_{counter:05}_.png", data):
                 counter += 1  # another writer took this number meanwhile
+            if shared is not None:
+                counter = self._publish(shared, folder, subfolder, stem, counter, data)
             results.append({"filename": f"{stem}_{counter:05}_.png", "subfolder": subfolder, "type": self.folder_type})
             counter += 1
         context.file_numbers.written(folder, name, counter - 1)
         return results
+
+    def _publish(self, shared: OutputStore, folder: Path, subfolder: str, stem: str, counter: int,
+                 data: bytes) -> int:
+        """Publish the file just written as number `counter` to the shared store; when another replica already
+        holds that name, move the local file to the first number free in both places. Returns the number used."""
+        while not shared.publish(self.folder_type, subfolder, f"{stem}_{counter:05}_.png", data):
+            taken = folder / f"{stem}_{counter:05}_.png"
+            counter = max(counter, shared.highest_number(self.folder_type, subfolder, stem)) + 1
+            while not create_new(folder / f"{stem}_{counter:05}_.png", data):
+                counter += 1
+            taken.unlink(missing_ok=True)
+        return counter
 
 
 class PreviewImage(SaveImage):
