@@ -14,6 +14,8 @@ from engine.errors import Interrupted, NotFound
 from engine.files import FileNumbers
 from engine.folders import Folders
 from engine.modelfiles import ModelFiles
+from engine.outputstore import OutputStore
+from engine.residency import ModelCache
 
 ProgressFn = Callable[[float, float], None]
 
@@ -28,6 +30,8 @@ class NodeContext:
     file_numbers: FileNumbers = field(default_factory=FileNumbers)  # shared by the executor's prompts
     models: ModelFiles | None = None  # models/<folder>/ of the data directory
     policy: DevicePolicy = field(default_factory=lambda: policy_for(torch.device("cpu")))  # the executor's device
+    resident: ModelCache | None = None  # the executor's resident models; None: every load private (unit tests)
+    output_store: OutputStore | None = None  # shared copy of saved files, for /view on other replicas
 
     def check_interrupted(self) -> None:
         """Long-running nodes call this between steps; it raises once the prompt is interrupted."""
@@ -42,7 +46,8 @@ class NodeContext:
     def model_path(self, folder: str, name: str) -> Path:
         if self.models is None:
             raise NotFound("this context has no model folders")
-        return self.models.find(folder, name)
+        # a download reports its bytes as the node's progress, and an interrupt stops it
+        return self.models.find(folder, name, progress=self.report_progress if self.progress is not None else None)
 
     def model_names(self, folder: str) -> list[str]:
         return self.models.list(folder) if self.models is not None else []

@@ -25,6 +25,8 @@ from engine.history import History
 from engine.imagestore import ImageStore, StoredImage
 from engine.jobs import Job, JobQueue, Outcome
 from engine.modelfiles import ModelFiles
+from engine.outputstore import output_store_from_settings
+from engine.residency import ModelCache
 from engine.registry import NodeRegistry
 from engine.settings import Settings
 from engine.validation import Validated, validate_prompt
@@ -41,13 +43,15 @@ class Executor:
         self.settings = settings
         self.registry = registry
         self.store = store
+        self.output_store = output_store_from_settings(settings)  # None: saved files stay local
         self.folders = folders or Folders(settings.input_dir, settings.output_dir, settings.temp_dir)
         self.cache = OutputCache(settings.cache_size)
         self.history = History(settings.history_size)
         self.queue = JobQueue()
         self.file_numbers = FileNumbers()
-        self.models = ModelFiles(settings.models_dir)
+        self.models = ModelFiles.from_settings(settings, events=self.emit)
         self.policy = policy_for(resolve_device(settings.device))
+        self.resident = ModelCache.from_settings(settings, self.policy.device, events=self.emit)
         self.last_prompt: dict[str, Any] | None = None
         self.accepting = True
         self._listeners: list[Listener] = []
@@ -88,7 +92,8 @@ class Executor:
     def context(self, uploads: dict[str, Path] | None = None, prompt_id: str | None = None,
                 interrupt: threading.Event | None = None) -> NodeContext:
         return NodeContext(self.folders, dict(uploads or {}), interrupt or threading.Event(), prompt_id=prompt_id,
-                           file_numbers=self.file_numbers, models=self.models, policy=self.policy)
+                           file_numbers=self.file_numbers, models=self.models, policy=self.policy,
+                           resident=self.resident, output_store=self.output_store)
 
     def validate(self, prompt: Any, uploads: dict[str, Path] | None = None) -> Validated:
         return validate_prompt(prompt, self.registry, self.context(uploads))
@@ -191,6 +196,8 @@ class Executor:
         return outcome
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
+        if outcome.status == "interrupted" and not self.accepting:  # cut short by a drain: 503, run it elsewhere
+            outcome.error = Draining("this replica shut down before the prompt finished; send it to another one")
         if job.scratch is not None:
             shutil.rmtree(job.scratch, ignore_errors=True)
         if job.on_done is not None:

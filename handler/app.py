@@ -12,10 +12,11 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from engine.executor import Executor
-from engine.imagestore import LocalImageStore
+from engine.imagestore import image_store_from_settings
 from engine.registry import NodeRegistry, default_registry
 from engine.settings import Settings
-from handler import comfy, files, health, prompts
+from engine import startup
+from handler import comfy, files, free, health, metrics, models, prompts
 from handler.errors import EXCEPTION_HANDLERS
 from handler.events import EventHub, websocket_endpoint
 from handler.limits import BodySizeLimit
@@ -35,6 +36,8 @@ COMFY_ROUTES: list[BaseRoute] = [
     Route("/queue", comfy.get_queue, methods=["GET"]),
     Route("/queue", comfy.post_queue, methods=["POST"]),
     Route("/interrupt", comfy.post_interrupt, methods=["POST"]),
+    *free.ROUTES,
+    *models.ROUTES,
     Route("/history", comfy.get_history, methods=["GET"]),
     Route("/history", comfy.post_history, methods=["POST"]),
     Route("/history/{prompt_id}", comfy.get_history_item, methods=["GET"]),
@@ -56,20 +59,25 @@ def create_app(settings: Settings, registry: NodeRegistry | None = None) -> Star
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        executor = Executor(settings, registry or default_registry(), LocalImageStore(settings.images_dir))
+        executor = Executor(settings, registry or default_registry(), image_store_from_settings(settings))
         hub = EventHub(asyncio.get_running_loop())
         executor.add_listener(hub.publish)
+        app.state.metrics = metrics.Metrics(executor)
         executor.start()
-        app.state.executor, app.state.hub, app.state.started = executor, hub, True
+        # preload and warm-up run in the background: health checks answer meanwhile, /readyz says 503 until done
+        readiness, stop_startup = startup.start(executor, settings)
+        app.state.executor, app.state.hub, app.state.readiness = executor, hub, readiness
+        app.state.started = True
         log.info("serving with data in %s", settings.data_dir.resolve())
         try:
             yield
         finally:
+            stop_startup.set()
             await asyncio.to_thread(executor.stop)
 
     app = Starlette(
-        routes=[*API_ROUTES, *COMFY_ROUTES, Mount("/api", routes=COMFY_ROUTES)],
-        middleware=[Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)],
+        routes=[*API_ROUTES, *COMFY_ROUTES, *metrics.ROUTES, Mount("/api", routes=COMFY_ROUTES)],
+        middleware=[Middleware(metrics.RequestMetrics), Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

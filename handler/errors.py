@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from engine.errors import (BadRequest, Draining, EngineError, ExecutionFailed, ExecutionInterrupted, Forbidden,
                            InvalidPrompt, NotFound, QueueFull, StorageError)
+from engine.hub import HubOffline, HubUnavailable
 from handler.responses import JSONResponse
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ STATUS: list[tuple[type[Exception], int]] = [
     (ExecutionInterrupted, 500),
     (StorageError, 507),
     (ExecutionFailed, 500),
+    (HubOffline, 503),
+    (HubUnavailable, 502),
     (Draining, 503),
 ]
 
@@ -43,7 +46,7 @@ def status_of(exc: BaseException) -> int:
     if isinstance(exc, ExecutionFailed):
         if _is_storage(exc.cause):
             return 507
-        if isinstance(exc.cause, BadRequest):  # found while running, but the request's mistake (a bad model file)
+        if isinstance(exc.cause, (BadRequest, HubUnavailable)):  # found while running, but the request's mistake (a bad model file)
             return status_of(exc.cause)
     for cls, status in STATUS:
         if isinstance(exc, cls):
@@ -66,7 +69,7 @@ def body_of(exc: BaseException) -> dict[str, Any]:
         return {"error": {"type": "execution_interrupted", "message": str(exc), "node_id": exc.node_id,
                           "class_type": exc.class_type}}
     kind = {400: "bad_request", 403: "forbidden", 404: "not_found", 413: "payload_too_large", 429: "queue_full",
-            503: "unavailable", 507: "storage_error"}.get(status_of(exc), "internal_error")
+            502: "bad_gateway", 503: "unavailable", 507: "storage_error"}.get(status_of(exc), "internal_error")
     return {"error": {"type": kind, "message": str(exc)}}
 
 

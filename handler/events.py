@@ -13,6 +13,7 @@ import orjson
 from starlette.websockets import WebSocket
 
 log = logging.getLogger(__name__)
+INTERNAL_EVENTS = frozenset({"model_download", "model_load", "model_evict"})  # for metrics, not for clients
 
 
 class EventHub:
@@ -22,7 +23,7 @@ class EventHub:
 
     def publish(self, event: str, data: dict[str, Any], client_id: str | None = None) -> None:
         """Thread-safe: send to `client_id`, or to every client when it is None (as ComfyUI does)."""
-        if not self.clients:  # nobody listens: skip the encoding and the wake-up (most API calls)
+        if not self.clients or event in INTERNAL_EVENTS:  # nobody listens / not for clients (model names)
             return
         message = orjson.dumps({"type": event, "data": data}, default=str)
         if not self.loop.is_closed():

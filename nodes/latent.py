@@ -42,7 +42,8 @@ class VAEDecode:
         return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}, "hidden": {"context": "CONTEXT"}}
 
     def decode(self, samples: dict, vae, context: NodeContext):
-        return (autoencode.decode(vae, samples["samples"], check_interrupted=context.check_interrupted),)
+        with vae.active() as autoencoder:
+            return (autoencode.decode(autoencoder, samples["samples"], check_interrupted=context.check_interrupted),)
 
 
 class VAEDecodeTiled:
@@ -64,7 +65,8 @@ class VAEDecodeTiled:
                temporal_overlap: int = 8, context: NodeContext | None = None):
         # temporal_* apply to video VAEs only; an image VAE has no time axis
         progress = context.report_progress if context is not None else None
-        return (autoencode.decode_tiled(vae, samples["samples"], tile_size, overlap, progress=progress),)
+        with vae.active() as autoencoder:
+            return (autoencode.decode_tiled(autoencoder, samples["samples"], tile_size, overlap, progress=progress),)
 
 
 class VAEEncode:
@@ -77,7 +79,8 @@ class VAEEncode:
         return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
 
     def encode(self, pixels: torch.Tensor, vae):
-        return ({"samples": autoencode.encode(vae, pixels)},)
+        with vae.active() as autoencoder:
+            return ({"samples": autoencode.encode(autoencoder, pixels)},)
 
 
 class VAEEncodeTiled:
@@ -104,7 +107,8 @@ class VAEEncodeTiled:
 
     def encode(self, pixels: torch.Tensor, vae, tile_size: int, overlap: int = 64, temporal_size: int = 64,
                temporal_overlap: int = 8):
-        return ({"samples": autoencode.encode_tiled(vae, pixels, tile_size, overlap)},)
+        with vae.active() as autoencoder:
+            return ({"samples": autoencode.encode_tiled(autoencoder, pixels, tile_size, overlap)},)
 
 
 class LatentUpscale:

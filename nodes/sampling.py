@@ -17,16 +17,20 @@ def common_ksampler(model: DiffusionModel, seed: int, steps: int, cfg: float, sa
                     add_noise: bool = True, start_step: int | None = None, last_step: int | None = None,
                     force_full_denoise: bool = False) -> tuple[dict]:
     samples = latent["samples"]
+    noise_mask = latent.get("noise_mask")
 
     def callback(step: dict) -> None:
         context.report_progress(step["i"] + 1, steps)
 
-    result = ksampler.sample(
-        model, model.sampling, model.latent_format,
-        model.conds(positive, samples, "positive"), model.conds(negative, samples, "negative"),
-        samples.to(model.device), seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-        denoise=denoise, add_noise=add_noise, start_step=start_step, last_step=last_step,
-        force_full_denoise=force_full_denoise, batch_index=latent.get("batch_index"), callback=callback)
+    with model.active():  # loaded, pinned and patched (LoRA) for the whole sampling loop
+        result = ksampler.sample(
+            model, model.sampling, model.latent_format,
+            model.conds(positive, samples, "positive", noise_mask=noise_mask),
+            model.conds(negative, samples, "negative", noise_mask=noise_mask),
+            samples.to(model.device), seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            scheduler=scheduler, denoise=denoise, add_noise=add_noise, start_step=start_step, last_step=last_step,
+            force_full_denoise=force_full_denoise, batch_index=latent.get("batch_index"), callback=callback,
+            noise_mask=noise_mask)
     return ({**latent, "samples": result.to(torch.device("cpu"), torch.float32)},)
 
 
