@@ -1,12 +1,16 @@
 """ComfyUI's `common_upscale` for channels-first tensors `[B, C, H, W]`: an optional centre crop to the target
-aspect ratio, then the method: `torch.nn.functional.interpolate` modes, or `bislerp` (spherical interpolation of
-each pixel's channel vector, which keeps latent norms)."""
+aspect ratio, then the method: `torch.nn.functional.interpolate` modes, `lanczos` (Pillow's filter on 8-bit
+pixels, image by image, as comfy/utils.py `lanczos` does), or `bislerp` (spherical interpolation of each pixel's
+channel vector, which keeps latent norms)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 INTERPOLATE_MODES = ("nearest-exact", "bilinear", "area", "bicubic")
+_PIL_MODES = {3: "RGB", 4: "RGBA"}
 
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, method: str,
@@ -15,6 +19,8 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, method: str,
         samples = center_crop_to_aspect(samples, width, height)
     if method == "bislerp":
         return bislerp(samples, width, height)
+    if method == "lanczos":
+        return lanczos(samples, width, height)
     if method not in INTERPOLATE_MODES:
         raise ValueError(f"unknown upscale method {method!r}")
     return F.interpolate(samples, size=(height, width), mode=method)
@@ -29,6 +35,31 @@ def center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> tor
     elif old_aspect < new_aspect:
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
     return samples.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+
+
+def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Pillow's LANCZOS resize of each image as 8-bit pixels: `clip(255 * x)` truncated to uint8 (computed in the
+    tensor's own dtype, as ComfyUI's numpy code does), resized, then `/ 255` in float32 and cast back to the input's
+    dtype and device. The 8-bit round trip is ComfyUI's, so values outside 0..1 are clipped.
+
+    Three channels resize as an RGB image and four as RGBA, whose colour Pillow weights by alpha (premultiplied),
+    exactly as ComfyUI gets it. Other channel counts (ComfyUI's Pillow call refuses them) resize channel by channel
+    as greyscale images."""
+    pixels = np.clip(255.0 * samples.detach().movedim(1, -1).cpu().numpy(), 0, 255).astype(np.uint8)
+    resized = np.stack([_lanczos_image(image, width, height) for image in pixels])  # (B, height, width, C)
+    out = torch.from_numpy(resized.astype(np.float32) / 255.0).movedim(-1, 1)
+    return out.to(device=samples.device, dtype=samples.dtype)
+
+
+def _lanczos_image(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    channels = pixels.shape[-1]
+    if channels in _PIL_MODES:
+        image = Image.fromarray(pixels, _PIL_MODES[channels])
+        return np.asarray(image.resize((width, height), resample=Image.Resampling.LANCZOS))
+    planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c]), "L").resize((width, height),
+                                                                                  resample=Image.Resampling.LANCZOS)
+              for c in range(channels)]
+    return np.stack([np.asarray(plane) for plane in planes], axis=-1)
 
 
 def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
