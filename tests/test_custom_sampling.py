@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.registry import NodeRegistry, default_registry
+from engine.registry import NodeRegistry
 from engine.sampling import ksampler
 from engine.sampling.model_sampling import ModelSampling
 from engine.sampling.schedules import SCHEDULERS
@@ -91,14 +91,6 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     write_checkpoint(folder, "sd1")
     return folder
-
-
-@pytest.fixture
-def registry() -> NodeRegistry:
-    registry = default_registry()
-    registry.register_module("nodes.latent_ops")
-    registry.register_module("nodes.custom_sampling")
-    return registry
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.context import NodeContext
 from engine.folders import Folders
-from engine.registry import NodeRegistry, default_registry
+from engine.registry import NodeRegistry
 from engine.settings import Settings
 from nodes import latent_ops as ops
 from tests.tiny_models import write_checkpoint
@@ -211,13 +211,6 @@ def test_object_info_matches_comfyui():
 # ---------------------------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def registry() -> NodeRegistry:
-    registry = default_registry()
-    registry.register_module("nodes.latent_ops")
-    return registry
 
 
 @pytest.fixture
