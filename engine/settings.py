@@ -7,7 +7,6 @@ wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -57,6 +57,14 @@ def client(make_client, settings: Settings) -> TestClient:
     return make_client(settings)
 
 
+def settings_with_checkpoints(tmp_path: Path, checkpoints: Path) -> Settings:
+    """Settings whose models/checkpoints folder is a link to a folder of (tiny) checkpoints built once."""
+    settings = Settings(data_dir=tmp_path / "data", max_queue=8)
+    settings.models_dir.mkdir(parents=True)
+    (settings.models_dir / "checkpoints").symlink_to(checkpoints, target_is_directory=True)
+    return settings
+
+
 def png_bytes(size=(8, 8), color=(255, 0, 0, 255), mode="RGBA") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color if mode != "L" else color[0]).save(buffer, format="PNG")

@@ -1,7 +1,6 @@
 """Checkpoint files: family detection, formats, dtypes, and clear errors for files that are not checkpoints."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,11 +14,12 @@ from PIL import Image
 from engine.diffusion import DiffusionModel
 from engine.inpaint import cond_options_to_fields, mask_bounds, resolve_area
 from engine.models.unet import UNetModel
-from engine.registry import NodeRegistry, default_registry
+from engine.registry import NodeRegistry
 from engine.sampling.guidance import Cond, cfg_model, with_opposite_areas
 from engine.sampling.model_sampling import SD15_LATENT, ModelSampling
 from engine.settings import Settings
 from nodes import conditioning_regions as regions
+from tests.conftest import settings_with_checkpoints
 from tests.tiny_models import randomize, sd1_unet, write_checkpoint
 
 H = W = 16
@@ -300,19 +301,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture
-def registry() -> NodeRegistry:
-    registry = default_registry()
-    for module in ("nodes.conditioning_regions", "nodes.latent_ops", "nodes.inpaint", "nodes.custom_sampling"):
-        registry.register_module(module)
-    return registry
-
-
-@pytest.fixture
 def settings(tmp_path, checkpoints) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", max_queue=8)
-    settings.models_dir.mkdir(parents=True)
-    (settings.models_dir / "checkpoints").symlink_to(checkpoints, target_is_directory=True)
-    return settings
+    return settings_with_checkpoints(tmp_path, checkpoints)
 
 
 def regional_prompt(family: str = "sd1", seed: int = 1) -> dict:

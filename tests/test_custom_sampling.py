@@ -16,6 +16,7 @@ from engine.sampling.model_sampling import ModelSampling
 from engine.sampling.schedules import SCHEDULERS
 from engine.settings import Settings
 from nodes import custom_sampling as cs
+from tests.conftest import settings_with_checkpoints
 from tests.tiny_models import write_checkpoint
 
 
@@ -95,10 +96,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture
 def settings(tmp_path, checkpoints) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", max_queue=8)
-    settings.models_dir.mkdir(parents=True)
-    (settings.models_dir / "checkpoints").symlink_to(checkpoints, target_is_directory=True)
-    return settings
+    return settings_with_checkpoints(tmp_path, checkpoints)
 
 
 def graph(**nodes) -> dict:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from engine.settings import Settings
 from nodes.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
+from tests.conftest import settings_with_checkpoints
 from tests.tiny_models import FAMILIES, checkpoint_state_dict, write_checkpoint
 
 PNG = {"Accept": "image/png"}
@@ -31,10 +32,7 @@ def checkpoints(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path, checkpoints) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", max_queue=8)
-    (settings.models_dir).mkdir(parents=True)
-    (settings.models_dir / "checkpoints").symlink_to(checkpoints, target_is_directory=True)
-    return settings
+    return settings_with_checkpoints(tmp_path, checkpoints)
 
 
 def txt2img(family="sd1", seed=1, sampler="euler", scheduler="normal", steps=3, width=64, height=48, batch=1,

@@ -17,12 +17,13 @@ from safetensors.torch import load_file, save_file
 import nodes.inpaint as inpaint_nodes
 from engine.inpaint import BLANK_INPAINT_LATENT, cond_options_to_fields, inpaint_concat, resize_to_batch
 from engine.models.unet import UNetModel
-from engine.registry import NodeRegistry, default_registry
+from engine.registry import NodeRegistry
 from engine.resize import common_upscale
 from engine.sampling import ksampler
 from engine.sampling.guidance import Cond
 from engine.sampling.model_sampling import SD15_LATENT, ModelSampling
 from engine.settings import Settings
+from tests.conftest import settings_with_checkpoints
 from tests.tiny_models import checkpoint_state_dict, randomize, sd1_unet, write_checkpoint
 
 PNG = {"Accept": "image/png"}
@@ -299,19 +300,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture
-def registry() -> NodeRegistry:
-    registry = default_registry()
-    for module in ("nodes.conditioning_regions", "nodes.latent_ops", "nodes.inpaint", "nodes.custom_sampling"):
-        registry.register_module(module)
-    return registry
-
-
-@pytest.fixture
 def settings(tmp_path, checkpoints) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", max_queue=8)
-    settings.models_dir.mkdir(parents=True)
-    (settings.models_dir / "checkpoints").symlink_to(checkpoints, target_is_directory=True)
-    return settings
+    return settings_with_checkpoints(tmp_path, checkpoints)
 
 
 def add_masked_image(settings, name="masked.png", size=64):

@@ -118,7 +118,7 @@ def test_extra_model_paths_yaml(tmp_path, monkeypatch):
     touch(models / "checkpoints" / "both.safetensors", b"from data dir")
     monkeypatch.setenv("SHARED_ROOT", str(shared))
     config = tmp_path / "config" / "extra_model_paths.yaml"
-    config.write_text(f"""
+    config.write_text("""
 a111:
     base_path: ../webui/
     checkpoints: models/Stable-diffusion
