@@ -13,17 +13,17 @@ every step).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from engine.handles import ActiveSlot
+from engine.handles import ActiveSlot, activate
 from engine.inpaint import cond_options_to_fields
 from engine.models.unet import UNetConfig, UNetModel, timestep_embedding
-from engine.patching import PatchSet, patched
+from engine.patching import PatchSet
 from engine.residency import Resident
 from engine.sampling.guidance import Cond
 from engine.sampling.model_sampling import LatentFormat, ModelSampling
@@ -50,15 +50,9 @@ class DiffusionModel:
                 object.__setattr__(self, "config", getattr(unet, "config", None))
 
     # -- the network ------------------------------------------------------------------------------------------
-    @contextmanager
-    def active(self) -> Iterator[UNetModel]:
+    def active(self) -> AbstractContextManager[UNetModel]:
         """The UNet, loaded, pinned and patched with this handle's patches for the duration of the block."""
-        current = self._active.get()
-        if current is not None:
-            yield current
-            return
-        with self.resident.use() as unet, patched({"unet": unet}, self.patches), self._active.bind(unet):
-            yield unet
+        return activate(self._active, self.resident, lambda unet: {"unet": unet}, self.patches)
 
     def with_patches(self, *patch_sets: PatchSet) -> DiffusionModel:
         """A new handle over the same weights with `patch_sets` added after this one's."""

@@ -14,14 +14,15 @@ off the patches another handle left on the same weights.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from engine.models.vae import AutoencoderKL, VAEConfig
+from engine.patching import PatchSet, patched
 from engine.residency import Resident
 
 
@@ -45,6 +46,19 @@ class ActiveSlot:
             stack.pop()
 
 
+@contextmanager
+def activate(slot: ActiveSlot, resident: Resident, targets: Callable[[Any], Mapping[str, nn.Module]],
+             patches: tuple[PatchSet, ...]) -> Iterator[Any]:
+    """What every handle's `active()` does: reuse the network already active on this thread, or load and pin the
+    resident network, apply `patches` to its `targets(network)` modules, and make it the active one."""
+    current = slot.get()
+    if current is not None:
+        yield current
+        return
+    with resident.use() as network, patched(targets(network), patches), slot.bind(network):
+        yield network
+
+
 @dataclass(frozen=True, eq=False)
 class VAEHandle:
     """The VAE a prompt passes between nodes. Also usable where an `AutoencoderKL` is expected (encode, decode,
@@ -57,14 +71,9 @@ class VAEHandle:
         if isinstance(self.resident, nn.Module):
             object.__setattr__(self, "resident", Resident.fixed(self.resident, [self.resident], "vae"))
 
-    @contextmanager
-    def active(self) -> Iterator[AutoencoderKL]:
-        current = self._active.get()
-        if current is not None:
-            yield current
-            return
-        with self.resident.use() as vae, self._active.bind(vae):
-            yield vae
+    def active(self) -> AbstractContextManager[AutoencoderKL]:
+        """The VAE, loaded and pinned for the duration of the block (a VAE takes no patches)."""
+        return activate(self._active, self.resident, lambda vae: {}, ())
 
     @property
     def device(self) -> torch.device:

@@ -7,17 +7,17 @@ activation with `with clip.active():`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from engine.handles import ActiveSlot
+from engine.handles import ActiveSlot, activate
 from engine.modelfiles import ModelFiles
 from engine.models.clip import CLIPTextModel
-from engine.patching import PatchSet, patched
+from engine.patching import PatchSet
 from engine.residency import Resident
 from engine.text.encode import TextEncoder
 from engine.text.tokenizer import EmbeddingSource
@@ -57,16 +57,9 @@ class ClipHandle:
         """A handle over text models already built (no cache manages them)."""
         return cls(build_encoder(family, text_models), embedding_source(models))
 
-    @contextmanager
-    def active(self) -> Iterator[TextEncoder]:
+    def active(self) -> AbstractContextManager[TextEncoder]:
         """The text encoder, loaded, pinned and patched with this handle's patches for the duration of the block."""
-        current = self._active.get()
-        if current is not None:
-            yield current
-            return
-        with self.resident.use() as encoder, patched(text_modules(encoder), self.patches), \
-                self._active.bind(encoder):
-            yield encoder
+        return activate(self._active, self.resident, text_modules, self.patches)
 
     @property
     def encoder(self) -> TextEncoder:
