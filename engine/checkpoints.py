@@ -40,7 +40,6 @@ from engine.text.handle import ClipHandle, build_encoder, embedding_source
 from engine.weightfile import WeightFile, WeightFileError
 
 log = logging.getLogger(__name__)
-StateDict = dict[str, torch.Tensor]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -125,6 +124,12 @@ class CheckpointInfo:
     sizes: dict[str, int]  # parameters per network: unet, text, vae
 
 
+def require_vae(info: CheckpointInfo) -> None:
+    if info.sizes["vae"] == 0:
+        raise CheckpointError(f"{info.path.name} looks like a {info.family.name} checkpoint but has no VAE "
+                              f"(`{VAE_PREFIX}*` keys)")
+
+
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     sd = read_state_dict(path)
     family, unet_config = detect_family(sd, path.name)
@@ -201,18 +206,11 @@ def load_checkpoint(path: Path, policy: DevicePolicy) -> LoadedCheckpoint:
     info = inspect_checkpoint(path)
     unet = load_unet_part(info, policy.device, policy.keep_or(info.unet_stored, policy.unet_dtype))
     text_models = load_text_part(info, policy.device, policy.text_dtype)
-    if info.sizes["vae"] == 0:
-        raise CheckpointError(f"{path.name} looks like a {info.family.name} checkpoint but has no VAE "
-                              f"(`{VAE_PREFIX}*` keys)")
+    require_vae(info)
     vae = load_vae_part(path, policy.device, policy.vae_dtype)
     log.info("loaded %s (%s%s) in %.2f s", path.name, info.family.name,
              ", v-prediction" if info.family.prediction == "v" else "", time.perf_counter() - started)
     return LoadedCheckpoint(info.family, unet, text_models, vae, model_sampling_for(info.family, policy.device))
-
-
-def load_vae_file(path: Path, policy: DevicePolicy) -> AutoencoderKL:
-    """A standalone VAE file (original or diffusers layout, no prefix), or a checkpoint's VAE."""
-    return load_vae_part(path, policy.device, policy.vae_dtype)
 
 
 def model_sampling_for(family: Family, device: torch.device) -> ModelSampling:
@@ -244,9 +242,7 @@ def open_checkpoint(path: Path, policy: DevicePolicy, cache: ModelCache | None, 
                           estimate=info.sizes["unet"] * _itemsize(unet_dtype))
     text = cache.resident(ModelKey(where, "text", policy.text_dtype, device), text_loader, folder=folder,
                           estimate=info.sizes["text"] * _itemsize(policy.text_dtype))
-    if info.sizes["vae"] == 0:
-        raise CheckpointError(f"{path.name} looks like a {info.family.name} checkpoint but has no VAE "
-                              f"(`{VAE_PREFIX}*` keys)")
+    require_vae(info)
     vae = _vae_resident(path, policy, cache, folder, info.sizes["vae"])
     if load:
         for resident in (unet, text, vae):

@@ -47,8 +47,3 @@ def policy_for(device: torch.device, force_fp32: bool = False) -> DevicePolicy:
     half = torch.float16 if major >= 7 else torch.float32  # fp16 is slow before Volta
     vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return DevicePolicy(device, half, half, vae)
-
-
-def release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
