@@ -132,13 +132,20 @@ def decode(vae: AutoencoderKL, latent: Tensor, *, output_device: torch.device = 
 
 def _decode_batches(vae: AutoencoderKL, latent: Tensor, output_device: torch.device,
                     check_interrupted: InterruptCheck | None) -> Tensor:
-    B, _, h, w = latent.shape
-    element = torch.finfo(vae.dtype).bits // 8
-    step = _batch_size(vae.device, B, DECODE_BYTES_PER_LATENT_PIXEL * h * w * element)
+    h, w = latent.shape[-2:]
+    return _in_batches(vae, latent, DECODE_BYTES_PER_LATENT_PIXEL * h * w,
+                       lambda z: vae.decode(z.to(device=vae.device, dtype=vae.dtype)), output_device,
+                       check_interrupted)
+
+
+def _in_batches(vae: AutoencoderKL, inputs: Tensor, bytes_per_item: int, run: Callable[[Tensor], Tensor],
+                output_device: torch.device, check_interrupted: InterruptCheck | None) -> Tensor:
+    """`run` over slices of the batch sized by ComfyUI's memory estimate (`bytes_per_item` per element byte),
+    each result moved to `output_device` as float32, checking for an interrupt between slices."""
+    step = _batch_size(vae.device, inputs.shape[0], bytes_per_item * (torch.finfo(vae.dtype).bits // 8))
     parts = []
-    for start in range(0, B, step):
-        z = latent[start:start + step].to(device=vae.device, dtype=vae.dtype)
-        parts.append(vae.decode(z).to(device=output_device, dtype=torch.float32))
+    for start in range(0, inputs.shape[0], step):
+        parts.append(run(inputs[start:start + step]).to(device=output_device, dtype=torch.float32))
         if check_interrupted is not None:
             check_interrupted()
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -194,16 +201,10 @@ def encode(vae: AutoencoderKL, image: Tensor, *, output_device: torch.device = C
 
 def _encode_batches(vae: AutoencoderKL, pixels: Tensor, output_device: torch.device,
                     check_interrupted: InterruptCheck | None) -> Tensor:
-    B, _, H, W = pixels.shape
-    element = torch.finfo(vae.dtype).bits // 8
-    step = _batch_size(vae.device, B, ENCODE_BYTES_PER_PIXEL * H * W * element)
-    parts = []
-    for start in range(0, B, step):
-        x = (pixels[start:start + step] * 2.0 - 1.0).to(dtype=vae.dtype).to(device=vae.device)
-        parts.append(vae.encode(x).to(device=output_device, dtype=torch.float32))
-        if check_interrupted is not None:
-            check_interrupted()
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    H, W = pixels.shape[-2:]
+    return _in_batches(vae, pixels, ENCODE_BYTES_PER_PIXEL * H * W,
+                       lambda x: vae.encode((x * 2.0 - 1.0).to(dtype=vae.dtype).to(device=vae.device)),
+                       output_device, check_interrupted)
 
 
 def _encode_tiled_pixels(vae: AutoencoderKL, pixels: Tensor, tile_x: int, tile_y: int, overlap: int,
