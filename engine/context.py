@@ -2,6 +2,7 @@
 check and the progress reporter. Passed explicitly (the hidden `CONTEXT` input), never read from a global."""
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import torch
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.devices import DevicePolicy, policy_for
-from engine.errors import Interrupted, NotFound
+from engine.errors import EngineError, Interrupted, NotFound
 from engine.files import FileNumbers
 from engine.folders import Folders
 from engine.modelfiles import ModelFiles
@@ -51,6 +52,18 @@ class NodeContext:
 
     def model_names(self, folder: str) -> list[str]:
         return self.models.list(folder) if self.models is not None else []
+
+    def input_digest(self, name: str) -> str:
+        """sha256 of an input file: what loaders of input files return from IS_CHANGED."""
+        return hashlib.sha256(self.input_path(name).read_bytes()).hexdigest()
+
+    def check_input(self, name: str, what: str = "image") -> bool | str:
+        """VALIDATE_INPUTS of loaders of input files: True, or why the file cannot be used (a 400, not a 500)."""
+        try:
+            self.input_path(name)
+        except EngineError as exc:
+            return f"Invalid {what} file: {name} ({exc})"
+        return True
 
     def input_path(self, name: str) -> Path:
         """An input file by the name a prompt uses: this request's upload first, then the data folders."""

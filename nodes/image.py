@@ -6,7 +6,6 @@ ImageEstimateForegroundMask (U^2-Net background removal, engine/background.py).
 IMAGE is `[B, H, W, C]` in 0..1 (C = 3, or 4 with alpha), MASK `[B, H, W]`; images are handed on from the CPU."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -32,15 +31,11 @@ class _InputImageNode:
 
     @classmethod
     def IS_CHANGED(cls, image: str, context: NodeContext):
-        return hashlib.sha256(context.input_path(image).read_bytes()).hexdigest()
+        return context.input_digest(image)
 
     @classmethod
     def VALIDATE_INPUTS(cls, image: str, context: NodeContext):
-        try:
-            context.input_path(image)
-        except EngineError as exc:
-            return f"Invalid image file: {image} ({exc})"
-        return True
+        return context.check_input(image)
 
     @staticmethod
     def image_input(context: NodeContext | None) -> tuple[list[str], dict]:

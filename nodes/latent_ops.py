@@ -10,8 +10,6 @@ a file without the marker is from ComfyUI's first format, which stored latents s
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -19,11 +17,10 @@ import safetensors.torch
 import torch
 
 from engine.context import NodeContext
-from engine.errors import BadRequest, EngineError
-from engine.files import create_new
-from engine.folders import safe_join
+from engine.errors import BadRequest
 from engine.resize import common_upscale
 from engine.sampling.guidance import repeat_to_batch
+from engine.savefiles import check_prefix, numbered_name, prompt_metadata, split_prefix, write_numbered
 
 MAX_RESOLUTION = 16384
 LATENT_EXTENSION = ".latent"
@@ -299,21 +296,15 @@ class SaveLatent:
 
     @classmethod
     def VALIDATE_INPUTS(cls, context: NodeContext, filename_prefix: str = "latents/ComfyUI"):
-        try:
-            _split_prefix(context.folders.output, str(filename_prefix))
-        except EngineError as exc:
-            return f"filename_prefix {filename_prefix!r}: {exc}"
-        return True
+        return check_prefix(context.folders.output, filename_prefix)
 
     def save(self, samples, context: NodeContext, filename_prefix="latents/ComfyUI", prompt=None,
              extra_pnginfo=None):
-        folder, subfolder, stem = _split_prefix(context.folders.output, filename_prefix)
-        data = latent_file_bytes(samples["samples"], _metadata(prompt, extra_pnginfo))
-        counter = context.file_numbers.take(folder, stem)
-        while not create_new(folder / f"{stem}_{counter:05}_{LATENT_EXTENSION}", data):
-            counter += 1  # another writer took this number meanwhile
+        folder, subfolder, stem = split_prefix(context.folders.output, filename_prefix)
+        data = latent_file_bytes(samples["samples"], prompt_metadata(prompt, extra_pnginfo))
+        counter = write_numbered(folder, stem, context.file_numbers.take(folder, stem), LATENT_EXTENSION, data)
         context.file_numbers.written(folder, stem, counter)
-        name = f"{stem}_{counter:05}_{LATENT_EXTENSION}"
+        name = numbered_name(stem, counter, LATENT_EXTENSION)
         return {"ui": {"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
 
 
@@ -329,15 +320,11 @@ class LoadLatent:
 
     @classmethod
     def IS_CHANGED(cls, latent: str, context: NodeContext):
-        return hashlib.sha256(context.input_path(latent).read_bytes()).hexdigest()
+        return context.input_digest(latent)
 
     @classmethod
     def VALIDATE_INPUTS(cls, latent: str, context: NodeContext):
-        try:
-            context.input_path(latent)
-        except EngineError as exc:
-            return f"Invalid latent file: {latent} ({exc})"
-        return True
+        return context.check_input(latent, "latent")
 
     def load(self, latent: str, context: NodeContext):
         return (read_latent_file(context.input_path(latent)),)
@@ -368,21 +355,6 @@ def read_latent_file(path: Path) -> dict:
         raise BadRequest(f"{path.name} holds no 'latent_tensor'; it is not a latent file written by SaveLatent")
     multiplier = 1.0 if "latent_format_version_0" in tensors else 1.0 / LEGACY_SCALE
     return {"samples": tensors["latent_tensor"].float() * multiplier}
-
-
-def _metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
-    metadata = {"prompt": json.dumps(prompt) if prompt is not None else ""}
-    for key, value in (extra_pnginfo or {}).items():
-        metadata[key] = json.dumps(value)
-    return metadata
-
-
-def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
-    """(folder, subfolder, file name stem) of a prefix such as `latents/ComfyUI`; never outside `base`."""
-    subfolder, _, name = os.path.normpath(prefix.replace("\\", "/")).replace("\\", "/").rpartition("/")
-    if not name or name == ".":
-        raise BadRequest("the prefix needs a file name part")
-    return safe_join(base, subfolder, name).parent, subfolder, name
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,20 +1,18 @@
 """Output nodes: SaveImage writes PNGs to the output folder (with the prompt embedded), PreviewImage to temp."""
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from engine.images import encode_png, to_pil
 from engine.context import NodeContext
-from engine.errors import BadRequest, EngineError
-from engine.files import create_new
-from engine.folders import safe_join
+from engine.images import encode_png, to_pil
 from engine.outputstore import OutputStore
+from engine.savefiles import check_prefix, numbered_name, prompt_metadata, split_prefix, write_numbered
+
+PNG = ".png"
 
 
 class SaveImage:
@@ -38,11 +36,7 @@ class SaveImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, context: NodeContext, filename_prefix: str = "ComfyUI"):
-        try:
-            _split_prefix(context.folders.output, str(filename_prefix))
-        except EngineError as exc:
-            return f"filename_prefix {filename_prefix!r}: {exc}"
-        return True
+        return check_prefix(context.folders.output, filename_prefix)
 
     def save_images(self, images: torch.Tensor, context: NodeContext, filename_prefix: str = "ComfyUI",
                     prompt: dict | None = None, extra_pnginfo: dict | None = None):
@@ -52,19 +46,19 @@ class SaveImage:
               extra_pnginfo: dict | None) -> list[dict[str, str]]:
         base = context.folders.by_type(self.folder_type)
         prefix = _expand(filename_prefix, width=batch.shape[2], height=batch.shape[1])
-        folder, subfolder, name = _split_prefix(base, prefix)
-        text = _metadata(prompt, extra_pnginfo)
+        folder, subfolder, name = split_prefix(base, prefix)
+        text = prompt_metadata(prompt, extra_pnginfo)
         counter = context.file_numbers.take(folder, name, len(batch))
         shared = context.output_store  # contexts built without a shared store have none
         results = []
         for batch_number, image in enumerate(batch):
             data = encode_png(to_pil(image), text, self.compress_level)
             stem = name.replace("%batch_num%", str(batch_number))
-            while not create_new(folder / f"{stem}_{counter:05}_.png", data):
-                counter += 1  # another writer took this number meanwhile
+            counter = write_numbered(folder, stem, counter, PNG, data)
             if shared is not None:
                 counter = self._publish(shared, folder, subfolder, stem, counter, data)
-            results.append({"filename": f"{stem}_{counter:05}_.png", "subfolder": subfolder, "type": self.folder_type})
+            results.append({"filename": numbered_name(stem, counter, PNG), "subfolder": subfolder,
+                            "type": self.folder_type})
             counter += 1
         context.file_numbers.written(folder, name, counter - 1)
         return results
@@ -73,11 +67,10 @@ class SaveImage:
                  data: bytes) -> int:
         """Publish the file just written as number `counter` to the shared store; when another replica already
         holds that name, move the local file to the first number free in both places. Returns the number used."""
-        while not shared.publish(self.folder_type, subfolder, f"{stem}_{counter:05}_.png", data):
-            taken = folder / f"{stem}_{counter:05}_.png"
-            counter = max(counter, shared.highest_number(self.folder_type, subfolder, stem)) + 1
-            while not create_new(folder / f"{stem}_{counter:05}_.png", data):
-                counter += 1
+        while not shared.publish(self.folder_type, subfolder, numbered_name(stem, counter, PNG), data):
+            taken = folder / numbered_name(stem, counter, PNG)
+            counter = write_numbered(folder, stem, max(counter, shared.highest_number(self.folder_type, subfolder,
+                                                                                       stem)) + 1, PNG, data)
             taken.unlink(missing_ok=True)
         return counter
 
@@ -100,15 +93,6 @@ class PreviewImage(SaveImage):
         return {"ui": {"images": self.write(images, context, f"ComfyUI_temp_{suffix}", prompt, extra_pnginfo)}}
 
 
-def _metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
-    text = {}
-    if prompt is not None:
-        text["prompt"] = json.dumps(prompt)
-    for key, value in (extra_pnginfo or {}).items():
-        text[key] = json.dumps(value)
-    return text
-
-
 def _expand(prefix: str, width: int, height: int) -> str:
     """ComfyUI's prefix variables: %width%, %height%, %year%, %month%, %day%, %hour%, %minute%, %second%."""
     if "%" not in prefix:
@@ -120,15 +104,6 @@ def _expand(prefix: str, width: int, height: int) -> str:
     for key, value in values.items():
         prefix = prefix.replace(f"%{key}%", str(value))
     return prefix
-
-
-def _split_prefix(base: Path, prefix: str) -> tuple[Path, str, str]:
-    """(folder, subfolder, file name stem) of a prefix such as `portraits/day1/img`; never outside `base`."""
-    subfolder, _, name = os.path.normpath(prefix.replace("\\", "/")).replace("\\", "/").rpartition("/")
-    if not name or name == ".":
-        raise BadRequest("the prefix needs a file name part")
-    folder = safe_join(base, subfolder, name).parent
-    return folder, subfolder, name
 
 
 NODE_CLASS_MAPPINGS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage}
