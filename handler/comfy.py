@@ -2,7 +2,7 @@
 /embeddings, /extensions, /system_stats and the index page."""
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -104,9 +104,9 @@ async def get_object_info_node(request: Request) -> Response:
 
 
 async def get_embeddings(request: Request) -> Response:
-    folder: Path = request.app.state.settings.models_dir / "embeddings"
-    names = sorted(p.stem for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-    return JSONResponse(names)
+    # every embeddings folder the text encoders search (extra_model_paths.yaml too), names without extension
+    files = await run_in_threadpool(request.app.state.executor.models.list, "embeddings")
+    return JSONResponse(sorted({PurePosixPath(name).with_suffix("").as_posix() for name in files}))
 
 
 async def get_extensions(request: Request) -> Response:

@@ -155,7 +155,7 @@ def _embeddings(client, settings, prefix):
     (folder / "style").mkdir(parents=True)
     (folder / "easynegative.safetensors").write_bytes(b"x")
     (folder / "style" / "watercolor.pt").write_bytes(b"x")
-    assert call(client, "GET", f"{prefix}/embeddings", "/embeddings").json() == ["easynegative", "watercolor"]
+    assert call(client, "GET", f"{prefix}/embeddings", "/embeddings").json() == ["easynegative", "style/watercolor"]  # ComfyUI: relative names
 
 
 def _extensions(client, settings, prefix):
