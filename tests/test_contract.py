@@ -155,7 +155,8 @@ def _embeddings(client, settings, prefix):
     (folder / "style").mkdir(parents=True)
     (folder / "easynegative.safetensors").write_bytes(b"x")
     (folder / "style" / "watercolor.pt").write_bytes(b"x")
-    assert call(client, "GET", f"{prefix}/embeddings", "/embeddings").json() == ["easynegative", "style/watercolor"]  # ComfyUI: relative names
+    # names relative to the folder, without the extension, as ComfyUI lists them
+    assert call(client, "GET", f"{prefix}/embeddings", "/embeddings").json() == ["easynegative", "style/watercolor"]
 
 
 def _extensions(client, settings, prefix):
